@@ -1,0 +1,673 @@
+//! The `lynx` command line: inspect a checkpoint, generate a completion, or
+//! chat interactively, all on the CPU reference forward pass for now.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use lynx::config::ModelConfig;
+use lynx::generate::{GenerateOptions, Generation, generate};
+use lynx::loader::{LoadedModel, ModelFormat, TensorInfo};
+use lynx::sampling::SamplingParams;
+use lynx::{ChatMessage, Tokenizer};
+
+#[derive(Parser)]
+#[command(name = "lynx", version, about = "Lynx: portable MoE inference runtime")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a model's configuration, parameter counts and tensor dtypes.
+    Inspect {
+        /// A Hugging Face checkpoint directory or a .gguf file.
+        model: PathBuf,
+    },
+    /// Generate a completion for one prompt, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Chat interactively: one user message per line on stdin; `/reset`
+    /// clears the conversation, `/quit` or end of input exits.
+    Chat(ChatArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template as a single user message.
+    #[arg(long)]
+    chat: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// An optional system message that starts every conversation.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+/// Options shared by the commands that run the model.
+#[derive(Args)]
+struct RunArgs {
+    /// A Hugging Face checkpoint directory or a .gguf file [default: the
+    /// default model].
+    model: Option<PathBuf>,
+    /// Where to run the model.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// The most tokens to generate [default: 128 for generate, 512 per reply
+    /// for chat].
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample only from the K most likely tokens; 0 turns this off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling: sample from the most likely tokens whose
+    /// probabilities sum to P; 1 turns this off.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the output contains this string (repeatable); the string
+    /// itself is not printed.
+    #[arg(long, value_name = "STR")]
+    stop: Vec<String>,
+}
+
+/// Compute devices. Only the CPU reference exists so far; the enum makes
+/// clap reject anything else and leaves room for a GPU engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Device {
+    Cpu,
+}
+
+impl RunArgs {
+    /// Builds the generation options, validating the sampling flags before
+    /// the (slow) model load so that a typo fails fast.
+    fn options(&self, default_max_tokens: usize) -> anyhow::Result<GenerateOptions> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        };
+        sampling.validate().context("invalid sampling flags")?;
+        if self.stop.iter().any(|s| s.is_empty()) {
+            return Err(anyhow!("--stop needs a non-empty string"));
+        }
+        Ok(GenerateOptions {
+            max_new_tokens: self.max_tokens.unwrap_or(default_max_tokens),
+            sampling,
+            stop: self.stop.clone(),
+            stop_on_eos: true,
+        })
+    }
+
+    fn model_path(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => lynx::loader::default_model_path()
+                .context("no MODEL given, and no default model could be found"),
+        }
+    }
+
+    /// Loads the model on the selected device.
+    fn load(&self) -> anyhow::Result<LoadedModel> {
+        match self.device {
+            Device::Cpu => load_model(&self.model_path()?),
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Inspect { model } => inspect(&model),
+        Command::Generate(args) => generate_cmd(&args),
+        Command::Chat(args) => chat_cmd(&args),
+    }
+}
+
+/// Loads a model, with a spinner on stderr when a person is watching it; a
+/// spinner written to a log file or pipe would only add noise.
+fn load_model(path: &Path) -> anyhow::Result<LoadedModel> {
+    let spinner = io::stderr().is_terminal().then(|| {
+        let pb = ProgressBar::new_spinner();
+        if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+            pb.set_style(style);
+        }
+        pb.set_message(format!("loading {}", path.display()));
+        pb.enable_steady_tick(Duration::from_millis(100));
+        pb
+    });
+    let loaded = lynx::load(path);
+    if let Some(pb) = spinner {
+        pb.finish_and_clear();
+    }
+    loaded.with_context(|| format!("failed to load model {}", path.display()))
+}
+
+fn require_tokenizer<'a>(loaded: &'a LoadedModel, command: &str) -> anyhow::Result<&'a Tokenizer> {
+    loaded.tokenizer.as_ref().ok_or_else(|| {
+        anyhow!(
+            "model {} has no tokenizer (tokenizer.json or GGUF tokenizer metadata); \
+             `lynx {command}` needs one",
+            loaded.path.display()
+        )
+    })
+}
+
+// ---------------------------------------------------------------- generate
+
+fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<()> {
+    let opts = args.run.options(128)?;
+    let loaded = args.run.load()?;
+    let tok = require_tokenizer(&loaded, "generate")?;
+
+    let ids = if args.chat {
+        note_missing_chat_template(&loaded, tok);
+        let messages = [ChatMessage::user(args.prompt.as_str())];
+        encode_chat(tok, &messages)?
+    } else {
+        tok.encode(&args.prompt, true)
+            .context("failed to tokenize the prompt")?
+    };
+
+    let (generation, elapsed) = stream_generation(&loaded, tok, &ids, &opts)?;
+    print_stats(&generation, elapsed);
+    Ok(())
+}
+
+/// Tells the user when the tokenizer falls back to plain ChatML because the
+/// model ships no chat template, since a model trained on another format
+/// may then answer poorly.
+fn note_missing_chat_template(loaded: &LoadedModel, tok: &Tokenizer) {
+    if tok.chat_template().is_none() {
+        eprintln!(
+            "note: model {} has no chat template; using plain ChatML",
+            loaded.path.display()
+        );
+    }
+}
+
+/// Renders `messages` with the chat template and tokenizes the result.
+///
+/// Special tokens are not added again: chat templates write the BOS token
+/// (and every other special token) into the rendered text themselves, as
+/// Hugging Face's `apply_chat_template(tokenize=True)` assumes.
+fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
+    let text = tok
+        .apply_chat_template(messages, true)
+        .context("failed to apply the chat template")?;
+    tok.encode(&text, false)
+        .context("failed to tokenize the chat prompt")
+}
+
+/// Runs one generation, streaming its text to stdout, and returns it with
+/// the wall time of the whole call (prefill included).
+fn stream_generation(
+    loaded: &LoadedModel,
+    tok: &Tokenizer,
+    ids: &[u32],
+    opts: &GenerateOptions,
+) -> anyhow::Result<(Generation, Duration)> {
+    let mut out = StdoutStream::new();
+    let start = Instant::now();
+    let generation = generate(&loaded.model, tok, ids, opts, |text| out.write(text))
+        .context("generation failed")?;
+    let elapsed = start.elapsed();
+    out.finish()?;
+    Ok((generation, elapsed))
+}
+
+/// Prints the one-line summary of a generation to stderr, so that stdout
+/// holds only the generated text. The rate covers the whole call, prompt
+/// processing included, because that is the latency a user experiences.
+fn print_stats(g: &Generation, elapsed: Duration) {
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 {
+        g.tokens.len() as f64 / secs
+    } else {
+        0.0
+    };
+    eprintln!(
+        "[{} prompt tokens, {} generated, {:.1} tok/s, finish: {}]",
+        g.prompt_tokens,
+        g.tokens.len(),
+        rate,
+        g.finish
+    );
+}
+
+/// Writes streamed text to stdout, flushing every piece so that it appears
+/// as it is generated. The streaming callback cannot fail, so the first
+/// write error is kept, later writes are skipped, and `finish` reports it.
+struct StdoutStream {
+    out: io::StdoutLock<'static>,
+    error: Option<io::Error>,
+    wrote: bool,
+    ends_with_newline: bool,
+}
+
+impl StdoutStream {
+    fn new() -> Self {
+        StdoutStream {
+            out: io::stdout().lock(),
+            error: None,
+            wrote: false,
+            ends_with_newline: false,
+        }
+    }
+
+    fn write(&mut self, text: &str) {
+        if self.error.is_some() || text.is_empty() {
+            return;
+        }
+        let result = self
+            .out
+            .write_all(text.as_bytes())
+            .and_then(|()| self.out.flush());
+        match result {
+            Ok(()) => {
+                self.wrote = true;
+                self.ends_with_newline = text.ends_with('\n');
+            }
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    /// Ends the output with a newline (so that the shell prompt or the next
+    /// chat turn starts on its own line) and reports any write error.
+    fn finish(mut self) -> anyhow::Result<()> {
+        if self.wrote && !self.ends_with_newline {
+            self.write("\n");
+        }
+        match self.error {
+            Some(e) => Err(e).context("failed to write to stdout"),
+            None => Ok(()),
+        }
+    }
+}
+
+// -------------------------------------------------------------------- chat
+
+fn chat_cmd(args: &ChatArgs) -> anyhow::Result<()> {
+    let opts = args.run.options(512)?;
+    let loaded = args.run.load()?;
+    let tok = require_tokenizer(&loaded, "chat")?;
+    note_missing_chat_template(&loaded, tok);
+
+    let fresh = || -> Vec<ChatMessage> {
+        args.system
+            .iter()
+            .map(|s| ChatMessage::system(s.as_str()))
+            .collect()
+    };
+    let mut messages = fresh();
+    let stdin = io::stdin();
+    let interactive = stdin.is_terminal();
+    if interactive {
+        eprintln!(
+            "chatting with {}; /reset clears the conversation, /quit or Ctrl-D exits",
+            loaded.path.display()
+        );
+    }
+
+    let mut line = String::new();
+    loop {
+        if interactive {
+            print!("> ");
+            io::stdout().flush().context("failed to write to stdout")?;
+        }
+        line.clear();
+        let n = stdin
+            .lock()
+            .read_line(&mut line)
+            .context("failed to read stdin")?;
+        if n == 0 {
+            break;
+        }
+        match line.trim() {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                messages = fresh();
+                eprintln!("[conversation cleared]");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage::user(line.trim_end_matches(['\r', '\n'])));
+
+        // Each turn renders and runs the whole conversation from scratch.
+        // The CPU reference keeps its KV cache inside a `Sequence`, which
+        // `generate` creates per call; re-running the history costs prompt
+        // processing each turn but is simple and always matches what the
+        // chat template renders (templates may rewrite earlier turns, e.g.
+        // dropping reasoning), which reusing a cache would not guarantee.
+        let ids = encode_chat(tok, &messages)?;
+        match stream_generation(&loaded, tok, &ids, &opts) {
+            Ok((generation, elapsed)) => {
+                print_stats(&generation, elapsed);
+                messages.push(ChatMessage::assistant(generation.text));
+            }
+            Err(e) if is_context_overflow(&e) => {
+                // The conversation no longer fits; keep the session alive
+                // and let the user decide to reset.
+                messages.pop();
+                eprintln!("Error: {e:#}\n[the conversation is too long; /reset to start over]");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn is_context_overflow(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<lynx::Error>(),
+            Some(lynx::Error::ContextOverflow { .. })
+        )
+    })
+}
+
+// ----------------------------------------------------------------- inspect
+
+fn inspect(path: &Path) -> anyhow::Result<()> {
+    let loaded = load_model(path)?;
+    let c = &loaded.model.config;
+    println!("path:            {}", loaded.path.display());
+    println!("format:          {}", format_name(loaded.format));
+    println!("architecture:    {}", c.arch.name());
+    println!("layers:          {}", c.num_layers);
+    println!("hidden size:     {}", c.hidden_size);
+    println!(
+        "attention:       {} heads, {} kv heads, head dim {}",
+        c.num_heads, c.num_kv_heads, c.head_dim
+    );
+    println!("vocab:           {}", c.vocab_size);
+    println!("context length:  {}", c.max_position_embeddings);
+    println!("rope theta:      {}", c.rope_theta);
+    if let Some(w) = c.sliding_window {
+        println!("sliding window:  {w}");
+    }
+    match &c.moe {
+        None => println!(
+            "experts:         dense (MLP intermediate size {})",
+            c.intermediate_size
+        ),
+        Some(m) => {
+            println!(
+                "experts:         E={} top-k={} expert intermediate size {}",
+                m.num_experts, m.top_k, m.expert_intermediate_size
+            );
+            println!(
+                "routing:         {}, {}",
+                if m.routing.softmax_then_topk {
+                    "softmax then top-k"
+                } else {
+                    "top-k then softmax"
+                },
+                if m.routing.renormalize {
+                    "renormalised"
+                } else {
+                    "not renormalised"
+                }
+            );
+            match m.shared_expert_intermediate_size {
+                Some(i) => println!("shared expert:   intermediate size {i}"),
+                None => println!("shared expert:   none"),
+            }
+            if m.dense_layers.is_empty() {
+                println!("dense layers:    none");
+            } else {
+                println!(
+                    "dense layers:    {:?} (MLP intermediate size {})",
+                    m.dense_layers, c.intermediate_size
+                );
+            }
+        }
+    }
+    let p = param_counts(c);
+    println!("parameters:      {} ({})", human_count(p.total), p.total);
+    println!("active/token:    {} ({})", human_count(p.active), p.active);
+
+    println!("tensors:         {}", loaded.tensors.len());
+    let total_bytes: u64 = loaded.tensors.iter().map(|t| t.bytes as u64).sum();
+    println!("tensor bytes:    {}", human_bytes(total_bytes));
+    for (dtype, count, bytes) in dtype_histogram(&loaded.tensors) {
+        println!(
+            "  {dtype:<8} {count:>6} tensors  {:>10}",
+            human_bytes(bytes)
+        );
+    }
+    Ok(())
+}
+
+fn format_name(format: ModelFormat) -> &'static str {
+    match format {
+        ModelFormat::HfSafetensors => "Hugging Face safetensors directory",
+        ModelFormat::Gguf => "GGUF",
+    }
+}
+
+/// Tensor count and bytes per dtype, largest share first.
+fn dtype_histogram(tensors: &[TensorInfo]) -> Vec<(String, usize, u64)> {
+    let mut by_dtype: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+    for t in tensors {
+        let e = by_dtype.entry(t.dtype.as_str()).or_default();
+        e.0 += 1;
+        e.1 += t.bytes as u64;
+    }
+    let mut rows: Vec<(String, usize, u64)> = by_dtype
+        .into_iter()
+        .map(|(d, (n, b))| (d.to_string(), n, b))
+        .collect();
+    rows.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+    rows
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct ParamCounts {
+    total: u64,
+    /// Parameters one token's forward pass uses: everything except the
+    /// routed experts it was not sent to.
+    active: u64,
+}
+
+/// Parameter counts from the configuration alone, so that they describe
+/// the architecture independently of quantisation or file layout.
+fn param_counts(c: &ModelConfig) -> ParamCounts {
+    use lynx::config::QkNorm;
+    let n = |x: usize| x as u64;
+    let (v, h) = (n(c.vocab_size), n(c.hidden_size));
+    let q = n(c.num_heads * c.head_dim);
+    let kv = n(c.num_kv_heads * c.head_dim);
+
+    let embeddings = v * h + if c.tie_word_embeddings { 0 } else { v * h };
+    let mut attention = h * q + 2 * h * kv + q * h;
+    if c.attention_bias {
+        attention += q + 2 * kv;
+    }
+    attention += match c.qk_norm {
+        QkNorm::None => 0,
+        QkNorm::Full => q + kv,
+        QkNorm::PerHead => 2 * n(c.head_dim),
+    };
+    let norms = 2 * h;
+    let dense_mlp = 3 * h * n(c.intermediate_size);
+
+    let mut total = embeddings + h; // The final norm.
+    let mut active = total;
+    for layer in 0..c.num_layers {
+        let shared = attention + norms;
+        let (layer_total, layer_active) = match &c.moe {
+            Some(m) if c.is_moe_layer(layer) => {
+                let expert = 3 * h * n(m.expert_intermediate_size);
+                let router = n(m.num_experts) * h;
+                // The shared expert and its scalar gate run for every token.
+                let always = router
+                    + m.shared_expert_intermediate_size
+                        .map_or(0, |i| 3 * h * n(i) + h);
+                (
+                    always + n(m.num_experts) * expert,
+                    always + n(m.top_k) * expert,
+                )
+            }
+            _ => (dense_mlp, dense_mlp),
+        };
+        total += shared + layer_total;
+        active += shared + layer_active;
+    }
+    ParamCounts { total, active }
+}
+
+fn human_count(x: u64) -> String {
+    let x = x as f64;
+    if x >= 1e9 {
+        format!("{:.2}B", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.1}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}K", x / 1e3)
+    } else {
+        format!("{x}")
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = b as f64;
+    let mut unit = 0;
+    while x >= 1024.0 && unit + 1 < UNITS.len() {
+        x /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.2} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lynx::config::{Arch, MoeConfig, QkNorm, RopeStyle, Routing};
+
+    fn llama_135m() -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: 49152,
+            hidden_size: 576,
+            num_layers: 30,
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            intermediate_size: 1536,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            rope_style: RopeStyle::NeoX,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            qk_norm: QkNorm::None,
+            moe: None,
+            clip_qkv: None,
+            sliding_window: None,
+        }
+    }
+
+    #[test]
+    fn smollm2_135m_parameter_count() {
+        // The published count of SmolLM2-135M.
+        let p = param_counts(&llama_135m());
+        assert_eq!(p.total, 134_515_008);
+        assert_eq!(p.active, p.total);
+    }
+
+    #[test]
+    fn mixtral_8x7b_parameter_counts() {
+        let c = ModelConfig {
+            arch: Arch::Mixtral,
+            vocab_size: 32000,
+            hidden_size: 4096,
+            num_layers: 32,
+            num_heads: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            intermediate_size: 14336,
+            rope_theta: 1e6,
+            max_position_embeddings: 32768,
+            tie_word_embeddings: false,
+            moe: Some(MoeConfig {
+                num_experts: 8,
+                top_k: 2,
+                expert_intermediate_size: 14336,
+                routing: Routing {
+                    softmax_then_topk: true,
+                    renormalize: true,
+                },
+                shared_expert_intermediate_size: None,
+                dense_layers: vec![],
+            }),
+            ..llama_135m()
+        };
+        let p = param_counts(&c);
+        // Mixtral-8x7B's published total (46.7B) and active (12.9B) counts.
+        assert_eq!(p.total, 46_702_792_704);
+        assert_eq!(p.active, 12_879_925_248);
+    }
+
+    #[test]
+    fn histogram_sorts_by_bytes() {
+        let t = |dtype: &str, bytes| TensorInfo {
+            name: "x".into(),
+            dtype: dtype.into(),
+            shape: vec![1],
+            bytes,
+        };
+        let rows = dtype_histogram(&[t("F32", 10), t("Q4_1", 100), t("F32", 5)]);
+        assert_eq!(
+            rows,
+            vec![("Q4_1".to_string(), 1, 100), ("F32".to_string(), 2, 15)]
+        );
+    }
+
+    #[test]
+    fn cli_parses_and_rejects_unknown_device() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "lynx", "generate", "m.gguf", "--prompt", "hi", "--stop", "a", "--stop", "b",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Generate(g) => {
+                assert_eq!(g.run.stop, ["a", "b"]);
+                assert_eq!(g.run.device, Device::Cpu);
+                assert_eq!(g.run.model.as_deref(), Some(Path::new("m.gguf")));
+            }
+            _ => panic!("expected generate"),
+        }
+        assert!(Cli::try_parse_from(["lynx", "chat", "--device", "gpu"]).is_err());
+        assert!(Cli::try_parse_from(["lynx", "generate", "--prompt", "x"]).is_ok());
+    }
+}

@@ -1,0 +1,519 @@
+//! Autoregressive generation: prefill, sample, decode one token at a time,
+//! with streaming detokenisation, stop strings and EOS handling.
+//!
+//! Several prompts can be generated together: their decode steps share one
+//! `Model::forward` call per token, and sequences leave the batch as they
+//! finish.
+
+use crate::sampling::{Sampler, SamplingParams};
+use crate::{Error, Logits, Model, Result, Sequence, Tokenizer};
+
+/// What to generate and when to stop.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateOptions {
+    /// The most tokens to generate per sequence.
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop as soon as the generated text contains one of these strings. The
+    /// returned and streamed text end just before the stop string.
+    pub stop: Vec<String>,
+    /// Stop when the model produces one of the tokenizer's EOS tokens.
+    pub stop_on_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            stop_on_eos: true,
+        }
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an EOS token.
+    Eos,
+    /// The generated text contained a stop string.
+    Stop,
+    /// `max_new_tokens` were generated, or the context length was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Eos => "eos",
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+impl std::fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The result of generating from one prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// Number of prompt tokens.
+    pub prompt_tokens: usize,
+    /// Every sampled token, including a final EOS token or the token that
+    /// completed a stop string, so that `tokens.len()` is the number of
+    /// decode steps the model ran for this sequence.
+    pub tokens: Vec<u32>,
+    /// The generated text: special tokens (EOS included) are skipped, and
+    /// with `FinishReason::Stop` it ends just before the stop string.
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+/// Generates from one prompt; see `generate_batch`. The sampler is seeded
+/// with `opts.sampling.seed` itself.
+pub fn generate(
+    model: &Model,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    let prompts = [prompt.to_vec()];
+    let mut out = generate_batch(model, tok, &prompts, opts, |_, text| on_text(text))?;
+    out.pop()
+        .ok_or_else(|| Error::InvalidArgument("generation returned no result".into()))
+}
+
+/// Generates for several prompts at once, decoding them as one batch through
+/// `Model::forward`, and streams each sequence's new text through
+/// `on_text(seq_index, text)` as soon as it is final (never with an empty
+/// string). Sequences that finish drop out of the batch.
+///
+/// Sequence `i` samples with its own `Sampler` seeded with
+/// `opts.sampling.seed + i` (wrapping). Distinct seeds keep identical prompts
+/// in one batch from producing identical samples, and a sequence's output
+/// depends only on its prompt, its index and the options, not on which other
+/// sequences share the batch. Sequence 0 therefore matches `generate` with
+/// the same options.
+///
+/// Errors before any compute: an empty prompt or invalid options give
+/// `Error::InvalidArgument`, a prompt that leaves no room for a generated
+/// token in the context (`len >= max_position_embeddings`) gives
+/// `Error::ContextOverflow`, and an id outside the model's vocabulary gives
+/// `Error::TokenOutOfRange`.
+pub fn generate_batch(
+    model: &Model,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(usize, &str),
+) -> Result<Vec<Generation>> {
+    opts.sampling.validate()?;
+    if let Some(i) = opts.stop.iter().position(|s| s.is_empty()) {
+        // An empty stop string would match before the first token.
+        return Err(Error::InvalidArgument(format!("stop string {i} is empty")));
+    }
+    let limit = model.config.max_position_embeddings;
+    let vocab = model.config.vocab_size;
+    for (i, prompt) in prompts.iter().enumerate() {
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument(format!("prompt {i} is empty")));
+        }
+        if prompt.len() >= limit {
+            // At least one generated token must fit after the prompt.
+            return Err(Error::ContextOverflow {
+                requested: prompt.len() + 1,
+                limit,
+            });
+        }
+        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::TokenOutOfRange { id, vocab });
+        }
+    }
+
+    let mut states: Vec<SeqState> = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.iter().enumerate() {
+        let sampling = SamplingParams {
+            seed: opts.sampling.seed.wrapping_add(i as u64),
+            ..opts.sampling
+        };
+        states.push(SeqState {
+            seq: model.new_sequence(),
+            sampler: Sampler::new(sampling)?,
+            prompt_tokens: prompt.len(),
+            tokens: Vec::new(),
+            last: [0],
+            stream: TextStream::new(&opts.stop),
+            text: String::new(),
+            finish: None,
+        });
+    }
+    if opts.max_new_tokens == 0 {
+        // Nothing to generate, so no reason to run the prompt either.
+        return Ok(states
+            .into_iter()
+            .map(|s| s.finish(FinishReason::Length))
+            .collect());
+    }
+
+    // Prefill every prompt in one batched forward call; only the logits of
+    // each prompt's last position are needed to sample its first token.
+    let mut logits = {
+        let mut batch: Vec<(&mut Sequence, &[u32])> = states
+            .iter_mut()
+            .zip(prompts)
+            .map(|(s, p)| (&mut s.seq, p.as_slice()))
+            .collect();
+        model.forward(&mut batch, Logits::Last)?
+    };
+    // `active[j]` is the index of the sequence whose logits are `logits[j]`.
+    let mut active: Vec<usize> = (0..states.len()).collect();
+    check_logits(&logits, active.len())?;
+
+    let eos = tok.eos_token_ids();
+    loop {
+        for (&i, row) in active.iter().zip(&logits) {
+            let st = &mut states[i];
+            let id = st.sampler.sample(row)?;
+            st.tokens.push(id);
+            st.last = [id];
+            if opts.stop_on_eos && eos.contains(&id) {
+                // EOS adds no text, so the text decoded at the previous step
+                // is the final text and everything held back is released.
+                emit(&mut on_text, i, st.stream.finish(&st.text));
+                st.finish = Some(FinishReason::Eos);
+                continue;
+            }
+            st.text = tok.decode(&st.tokens, true)?;
+            let step = st.stream.update(&st.text);
+            emit(&mut on_text, i, step.emit);
+            if let Some(end) = step.stop_at {
+                st.text.truncate(end);
+                st.finish = Some(FinishReason::Stop);
+                continue;
+            }
+            // The prompt and every generated token must fit in the context,
+            // so the next token can only be sampled if this one can be fed.
+            let full = st.prompt_tokens + st.tokens.len() >= limit;
+            if st.tokens.len() >= opts.max_new_tokens || full {
+                emit(&mut on_text, i, st.stream.finish(&st.text));
+                st.finish = Some(FinishReason::Length);
+            }
+        }
+        active.retain(|&i| states[i].finish.is_none());
+        if active.is_empty() {
+            break;
+        }
+
+        // One decode step for every unfinished sequence, as one batch.
+        let mut batch: Vec<(&mut Sequence, &[u32])> = states
+            .iter_mut()
+            .filter(|s| s.finish.is_none())
+            .map(|s| (&mut s.seq, s.last.as_slice()))
+            .collect();
+        logits = model.forward(&mut batch, Logits::Last)?;
+        check_logits(&logits, active.len())?;
+    }
+
+    Ok(states
+        .into_iter()
+        .map(|s| {
+            let finish = s.finish.unwrap_or(FinishReason::Length);
+            s.finish(finish)
+        })
+        .collect())
+}
+
+/// Per-sequence generation state.
+struct SeqState {
+    seq: Sequence,
+    sampler: Sampler,
+    prompt_tokens: usize,
+    tokens: Vec<u32>,
+    /// The last sampled token, as the slice the next forward call feeds.
+    last: [u32; 1],
+    stream: TextStream,
+    /// The generated text so far (final once `finish` is set).
+    text: String,
+    finish: Option<FinishReason>,
+}
+
+impl SeqState {
+    fn finish(self, finish: FinishReason) -> Generation {
+        Generation {
+            prompt_tokens: self.prompt_tokens,
+            tokens: self.tokens,
+            text: self.text,
+            finish,
+        }
+    }
+}
+
+/// `forward` promises one logits row per sequence; checking it turns a
+/// broken promise into an error instead of a silently dropped sequence.
+fn check_logits(logits: &[Vec<f32>], expected: usize) -> Result<()> {
+    if logits.len() != expected {
+        return Err(Error::InvalidArgument(format!(
+            "model returned logits for {} sequences, expected {expected}",
+            logits.len()
+        )));
+    }
+    Ok(())
+}
+
+fn emit(on_text: &mut impl FnMut(usize, &str), i: usize, text: &str) {
+    if !text.is_empty() {
+        on_text(i, text);
+    }
+}
+
+/// The result of feeding the current text to `TextStream::update`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct StreamStep<'a> {
+    /// New text that is now final, possibly empty.
+    pub emit: &'a str,
+    /// Set when a stop string was found: the byte length the text must be
+    /// truncated to (the start of the earliest stop string).
+    pub stop_at: Option<usize>,
+}
+
+/// Incremental detokenisation: given the decoded text of all generated
+/// tokens after each step, releases only text that can no longer change or
+/// turn out to be part of a stop string.
+///
+/// Two kinds of tail are held back: a trailing run of U+FFFD, which is what
+/// a tokenizer decodes an incomplete UTF-8 sequence (a byte-fallback token
+/// still waiting for the rest of its character) to, and a tail that is a
+/// prefix of some stop string, which the next tokens may complete.
+pub(crate) struct TextStream {
+    stop: Vec<String>,
+    /// Bytes of the text already released.
+    emitted: usize,
+}
+
+impl TextStream {
+    pub(crate) fn new(stop: &[String]) -> Self {
+        TextStream {
+            stop: stop.to_vec(),
+            emitted: 0,
+        }
+    }
+
+    /// Feeds the decoded text of all tokens so far.
+    pub(crate) fn update<'a>(&mut self, text: &'a str) -> StreamStep<'a> {
+        if let Some(at) = find_stop(text, &self.stop) {
+            return StreamStep {
+                emit: self.release(text, at),
+                stop_at: Some(at),
+            };
+        }
+        let complete = utf8_complete_len(text);
+        let safe = stop_prefix_start(&text[..complete], &self.stop);
+        StreamStep {
+            emit: self.release(text, safe),
+            stop_at: None,
+        }
+    }
+
+    /// Generation ended without a stop string: everything left is final,
+    /// including a held-back stop prefix or a genuine trailing U+FFFD.
+    pub(crate) fn finish<'a>(&mut self, text: &'a str) -> &'a str {
+        self.release(text, text.len())
+    }
+
+    /// Releases `text[emitted..end]`. Decoding the whole id list again each
+    /// step normally only appends to the text; should a tokenizer rewrite
+    /// what was already released, this releases nothing rather than panic
+    /// on a position that is no longer a character boundary.
+    fn release<'a>(&mut self, text: &'a str, end: usize) -> &'a str {
+        if end <= self.emitted || !text.is_char_boundary(self.emitted) {
+            return "";
+        }
+        let out = &text[self.emitted..end];
+        self.emitted = end;
+        out
+    }
+}
+
+/// Byte offset of the earliest occurrence of any stop string in `text`.
+pub(crate) fn find_stop(text: &str, stop: &[String]) -> Option<usize> {
+    stop.iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
+/// Length of `text` without its trailing run of U+FFFD replacement
+/// characters, i.e. the part that no later token can change.
+pub(crate) fn utf8_complete_len(text: &str) -> usize {
+    text.trim_end_matches('\u{FFFD}').len()
+}
+
+/// Start of the longest tail of `text` that is a proper prefix of some stop
+/// string (a tail that later text could complete into a stop string), or
+/// `text.len()` if there is none.
+pub(crate) fn stop_prefix_start(text: &str, stop: &[String]) -> usize {
+    let mut start = text.len();
+    for s in stop {
+        // Only tails shorter than `s` can be proper prefixes of it; whole
+        // occurrences were already handled by `find_stop`.
+        let lo = text.len().saturating_sub(s.len().saturating_sub(1));
+        for k in lo..start {
+            if text.is_char_boundary(k) && s.starts_with(&text[k..]) {
+                start = k;
+                break;
+            }
+        }
+    }
+    start
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stops(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Feeds successive decoded texts, collecting what is streamed, and
+    /// returns (streamed text, final text, stopped).
+    fn run(texts: &[&str], stop: &[&str]) -> (String, String, bool) {
+        let mut stream = TextStream::new(&stops(stop));
+        let mut out = String::new();
+        for t in texts {
+            let step = stream.update(t);
+            out.push_str(step.emit);
+            if let Some(at) = step.stop_at {
+                return (out, t[..at].to_string(), true);
+            }
+        }
+        let last = texts.last().copied().unwrap_or("");
+        out.push_str(stream.finish(last));
+        (out, last.to_string(), false)
+    }
+
+    #[test]
+    fn plain_text_streams_everything() {
+        let mut s = TextStream::new(&[]);
+        assert_eq!(s.update("Hel").emit, "Hel");
+        assert_eq!(s.update("Hello").emit, "lo");
+        assert_eq!(s.update("Hello world").emit, " world");
+        assert_eq!(s.finish("Hello world"), "");
+    }
+
+    #[test]
+    fn incomplete_utf8_is_held_back() {
+        assert_eq!(utf8_complete_len("ab\u{FFFD}"), 2);
+        assert_eq!(utf8_complete_len("ab\u{FFFD}\u{FFFD}"), 2);
+        assert_eq!(utf8_complete_len("a\u{FFFD}b"), "a\u{FFFD}b".len());
+        assert_eq!(utf8_complete_len("\u{FFFD}"), 0);
+
+        // A three-byte character arriving as three byte tokens.
+        let mut s = TextStream::new(&[]);
+        assert_eq!(s.update("x").emit, "x");
+        assert_eq!(s.update("x\u{FFFD}").emit, "");
+        assert_eq!(s.update("x\u{FFFD}\u{FFFD}").emit, "");
+        assert_eq!(s.update("x€").emit, "€");
+        assert_eq!(s.update("x€!").emit, "!");
+    }
+
+    #[test]
+    fn trailing_replacement_char_is_flushed_at_the_end() {
+        let (streamed, text, stopped) = run(&["a", "a\u{FFFD}"], &[]);
+        assert!(!stopped);
+        assert_eq!(streamed, "a\u{FFFD}");
+        assert_eq!(text, streamed);
+    }
+
+    #[test]
+    fn stop_prefix_tail_detection() {
+        let st = stops(&["</s>", "\n\n"]);
+        assert_eq!(stop_prefix_start("hello", &st), 5);
+        assert_eq!(stop_prefix_start("hello<", &st), 5);
+        assert_eq!(stop_prefix_start("hello</", &st), 5);
+        assert_eq!(stop_prefix_start("hello\n", &st), 5);
+        assert_eq!(stop_prefix_start("a<b", &st), 3);
+        // The longest tail over all stop strings wins.
+        let st = stops(&["abc", "bcX"]);
+        assert_eq!(stop_prefix_start("zab", &st), 1);
+        assert_eq!(stop_prefix_start("zabc", &st), 2);
+        // Multi-byte characters: offsets stay on char boundaries.
+        let st = stops(&["éé"]);
+        assert_eq!(stop_prefix_start("aé", &st), 1);
+        assert_eq!(stop_prefix_start("é", &stops(&["xé"])), 2);
+    }
+
+    #[test]
+    fn find_stop_takes_the_earliest() {
+        let st = stops(&["world", "lo"]);
+        assert_eq!(find_stop("hello world", &st), Some(3));
+        assert_eq!(find_stop("hi", &st), None);
+        assert_eq!(find_stop("anything", &[]), None);
+    }
+
+    #[test]
+    fn stop_string_split_across_tokens_is_never_streamed() {
+        let (streamed, text, stopped) =
+            run(&["Hi", "Hi<", "Hi</", "Hi</s", "Hi</s> more"], &["</s>"]);
+        assert!(stopped);
+        assert_eq!(streamed, "Hi");
+        assert_eq!(text, "Hi");
+    }
+
+    #[test]
+    fn stop_string_inside_one_token() {
+        let (streamed, text, stopped) = run(&["A", "A.\n\nB"], &["\n\n"]);
+        assert!(stopped);
+        assert_eq!(streamed, "A.");
+        assert_eq!(text, "A.");
+    }
+
+    #[test]
+    fn false_alarm_prefix_is_released() {
+        let mut s = TextStream::new(&stops(&["</s>"]));
+        assert_eq!(s.update("a<").emit, "a");
+        assert_eq!(s.update("a</").emit, "");
+        let step = s.update("a</b");
+        assert_eq!(step.emit, "</b");
+        assert_eq!(step.stop_at, None);
+    }
+
+    #[test]
+    fn held_back_prefix_is_flushed_when_generation_ends() {
+        let (streamed, text, stopped) = run(&["x", "x#", "x##"], &["###"]);
+        assert!(!stopped);
+        assert_eq!(streamed, "x##");
+        assert_eq!(text, "x##");
+    }
+
+    #[test]
+    fn streamed_text_always_equals_returned_text() {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["a", "ab", "abc", "abcd"], &["cd"]),
+            (&["a", "ab", "abc", "abcd"], &["bd", "c"]),
+            (&["S", "ST", "STO", "STOP", "STOP!"], &["STOP"]),
+            (&["é", "é\u{FFFD}", "éé", "ééS", "ééST"], &["ST", "éS"]),
+            (&["one", "one two", "one two three"], &["x", "y"]),
+        ];
+        for (texts, stop) in cases {
+            let (streamed, text, _) = run(texts, stop);
+            assert_eq!(streamed, text, "texts {texts:?}, stop {stop:?}");
+            for s in *stop {
+                assert!(!text.contains(s), "{text:?} contains {s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn finish_reason_names() {
+        assert_eq!(FinishReason::Eos.to_string(), "eos");
+        assert_eq!(FinishReason::Stop.to_string(), "stop");
+        assert_eq!(FinishReason::Length.to_string(), "length");
+    }
+}

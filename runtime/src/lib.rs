@@ -1,0 +1,28 @@
+//! Lynx runtime: model loading (Hugging Face safetensors directories and
+//! GGUF files), tokenisation and chat templates, the plain-Rust CPU reference
+//! forward pass, sampling and generation.
+//!
+//! Dimension letters used throughout: B batch (sequences), T tokens,
+//! C hidden size, H attention heads, D head dim, V vocabulary,
+//! E experts, K experts per token (top-k), I expert intermediate size.
+
+pub mod arch;
+pub mod config;
+pub mod error;
+pub mod export;
+pub mod generate;
+pub mod gguf;
+pub mod linear;
+pub mod loader;
+pub mod model;
+pub mod safetensors_dir;
+pub mod sampling;
+pub mod tensor;
+pub mod tokenizer;
+
+pub use config::{Arch, ModelConfig};
+pub use error::{Error, Result};
+pub use loader::{LoadedModel, load};
+pub use model::{Logits, Model, Sequence};
+pub use tensor::{DType, QTensor};
+pub use tokenizer::{ChatMessage, Tokenizer};

@@ -1,0 +1,77 @@
+//! Shared helpers for Lynx's cross-crate tests: fixture paths, golden file
+//! reading, and error measures.
+
+use std::path::{Path, PathBuf};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    repo_root().join("models/fixtures")
+}
+
+/// The tiny random-weight checkpoints made by `models/make_fixtures.py`.
+pub const FIXTURES: [&str; 6] = ["llama", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "qwen3_moe_stacked"];
+
+/// One reference sequence: its token ids and transformers' logits, (T, V).
+pub struct GoldenSeq {
+    pub ids: Vec<u32>,
+    pub logits: Vec<f32>,
+}
+
+/// Reads `golden.safetensors`: `input_ids.{i}` (I32) and `logits.{i}` (F32).
+pub fn read_golden(fixture: &str) -> Vec<GoldenSeq> {
+    let path = fixtures_dir().join(fixture).join("golden.safetensors");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut out = Vec::new();
+    for i in 0.. {
+        let Ok(ids) = st.tensor(&format!("input_ids.{i}")) else { break };
+        let logits = st.tensor(&format!("logits.{i}")).expect("logits beside input_ids");
+        out.push(GoldenSeq {
+            ids: ids.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32).collect(),
+            logits: f32s(logits.data()),
+        });
+    }
+    assert!(!out.is_empty(), "{}: no sequences", path.display());
+    out
+}
+
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// Largest |a - b| and its index.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .map(|(i, (x, y))| ((x - y).abs(), i))
+        .fold((0.0, 0), |m, d| if d.0 > m.0 || d.0.is_nan() { d } else { m })
+}
+
+/// Normalised mean squared error: `sum((a - b)^2) / sum(b^2)`.
+pub fn nmse(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    num / den.max(f64::MIN_POSITIVE)
+}
+
+/// A fresh, empty directory under the system temp dir for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lynx-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Copies a fixture directory so a test can damage the copy.
+pub fn copy_fixture(fixture: &str, to: &Path) {
+    for entry in std::fs::read_dir(fixtures_dir().join(fixture)).expect("fixture dir") {
+        let p = entry.expect("dir entry").path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).expect("copy fixture file");
+    }
+}
