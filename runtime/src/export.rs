@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::config::{Arch, RopeStyle};
 use crate::error::{Error, Result};
-use crate::gguf::{GgufArray, GgufValue, write_gguf};
+use crate::gguf::{GgufValue, write_gguf};
 use crate::loader::LoadedModel;
 use crate::model::{Ffn, Mlp};
 use crate::tensor::{DType, QTensor, quantize};
@@ -123,13 +123,9 @@ pub fn write_model_gguf(lm: &LoadedModel, dtype: DType, path: &Path) -> Result<(
         meta.push(("llama.expert_feed_forward_length".into(), u(moe.expert_intermediate_size)));
     }
     if let Some(tok) = &lm.tokenizer {
-        let _ = tok; // TEMP
+        meta.extend(tok.gguf_metadata()?);
     }
     let refs: Vec<&QTensor> = owned.iter().collect();
     write_gguf(path, &meta, &refs)
 }
 
-/// Helper for tokenizers: a GGUF string array.
-pub fn string_array(v: Vec<String>) -> GgufValue {
-    GgufValue::Array(GgufArray::String(v))
-}

@@ -682,6 +682,11 @@ impl GgufFile {
         T::try_from(i).map_err(|_| self.config_err(key, format!("value {i} does not fit in {want}")))
     }
 
+    // Typed getters. A missing key or a value of the wrong type is an
+    // `Error::Config` naming the key. Integer getters accept any stored
+    // width or signedness as long as the value fits, because converters
+    // disagree on e.g. u32 versus i32 for the same key.
+
     pub fn get_u32(&self, key: &str) -> Result<u32> {
         self.int_as(key, "u32", self.required(key)?)
     }
@@ -719,15 +724,21 @@ impl GgufFile {
     pub fn get_str_array(&self, key: &str) -> Result<&[String]> {
         match self.get_array(key)? {
             GgufArray::String(v) => Ok(v),
-            a => Err(self.config_err(key, format!("expected array of string, found array of {}", a.elem_type()))),
+            a => Err(self.config_err(
+                key,
+                format!("expected array of string, found array of {}", a.elem_type()),
+            )),
         }
     }
     /// An integer array of any element width, as `i64`.
     pub fn get_i64_array(&self, key: &str) -> Result<Vec<i64>> {
         let a = self.get_array(key)?;
-        let ints = a
-            .ints()
-            .ok_or_else(|| self.config_err(key, format!("expected array of integers, found array of {}", a.elem_type())))?;
+        let ints = a.ints().ok_or_else(|| {
+            self.config_err(
+                key,
+                format!("expected array of integers, found array of {}", a.elem_type()),
+            )
+        })?;
         ints.into_iter()
             .enumerate()
             .map(|(i, v)| {
@@ -738,9 +749,12 @@ impl GgufFile {
     /// An integer array of any element width, as `u32` (range-checked).
     pub fn get_u32_array(&self, key: &str) -> Result<Vec<u32>> {
         let a = self.get_array(key)?;
-        let ints = a
-            .ints()
-            .ok_or_else(|| self.config_err(key, format!("expected array of integers, found array of {}", a.elem_type())))?;
+        let ints = a.ints().ok_or_else(|| {
+            self.config_err(
+                key,
+                format!("expected array of integers, found array of {}", a.elem_type()),
+            )
+        })?;
         ints.into_iter()
             .enumerate()
             .map(|(i, v)| {
@@ -888,7 +902,11 @@ impl<'a> Reader<'a> {
             return Err(format!(
                 "string length {len} at offset {at} exceeds the {} bytes left in the file{}",
                 self.remaining(),
-                if len > max_len { format!(" (limit {max_len})") } else { String::new() }
+                if len > max_len {
+                    format!(" (limit {max_len})")
+                } else {
+                    String::new()
+                }
             ));
         }
         let bytes = self.take(len as usize)?;
@@ -935,12 +953,18 @@ impl<'a> Reader<'a> {
 
     fn gguf_array(&mut self, depth: usize) -> PResult<GgufArray> {
         if depth > MAX_NESTING {
-            return Err(format!("arrays nested deeper than {MAX_NESTING} levels at offset {}", self.pos));
+            return Err(format!(
+                "arrays nested deeper than {MAX_NESTING} levels at offset {}",
+                self.pos
+            ));
         }
         let elem = self.value_type()?;
         let n = self.u64()?;
         if n > MAX_ARRAY_LEN {
-            return Err(format!("array length {n} at offset {} exceeds the limit of {MAX_ARRAY_LEN}", self.pos));
+            return Err(format!(
+                "array length {n} at offset {} exceeds the limit of {MAX_ARRAY_LEN}",
+                self.pos
+            ));
         }
         self.check_fits(n, elem.min_encoded_size(), "array")?;
         // Both checks above bound `n`, so it fits in usize and in memory.
@@ -982,7 +1006,9 @@ const MIN_TENSOR_INFO_SIZE: u64 = 24;
 
 fn parse(b: &[u8]) -> PResult<Parsed> {
     let mut r = Reader { b, pos: 0 };
-    let magic = r.take(4).map_err(|_| format!("file is {} bytes, too short for a GGUF header", b.len()))?;
+    let magic = r
+        .take(4)
+        .map_err(|_| format!("file is {} bytes, too short for a GGUF header", b.len()))?;
     if magic != GGUF_MAGIC {
         return Err(format!("bad magic {magic:02x?} (expected \"GGUF\")"));
     }
@@ -998,7 +1024,9 @@ fn parse(b: &[u8]) -> PResult<Parsed> {
     let n_tensors = r.u64().map_err(|e| format!("header: tensor count: {e}"))?;
     let n_kv = r.u64().map_err(|e| format!("header: metadata count: {e}"))?;
     if n_tensors > MAX_TENSORS {
-        return Err(format!("header: tensor count {n_tensors} exceeds the limit of {MAX_TENSORS}"));
+        return Err(format!(
+            "header: tensor count {n_tensors} exceeds the limit of {MAX_TENSORS}"
+        ));
     }
     if n_kv > MAX_KV {
         return Err(format!("header: metadata count {n_kv} exceeds the limit of {MAX_KV}"));
@@ -1007,7 +1035,9 @@ fn parse(b: &[u8]) -> PResult<Parsed> {
 
     let mut metadata = BTreeMap::new();
     for i in 0..n_kv {
-        let key = r.string(MAX_NAME_LEN).map_err(|e| format!("metadata entry {i}: key: {e}"))?;
+        let key = r
+            .string(MAX_NAME_LEN)
+            .map_err(|e| format!("metadata entry {i}: key: {e}"))?;
         let ty = r.value_type().map_err(|e| format!("metadata key `{key}`: {e}"))?;
         let value = r.value(ty, 0).map_err(|e| format!("metadata key `{key}`: {e}"))?;
         if metadata.insert(key.clone(), value).is_some() {
@@ -1018,9 +1048,12 @@ fn parse(b: &[u8]) -> PResult<Parsed> {
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(v) => {
-            let a = v
-                .as_i128()
-                .ok_or_else(|| format!("metadata key `general.alignment`: expected u32, found {}", v.type_description()))?;
+            let a = v.as_i128().ok_or_else(|| {
+                format!(
+                    "metadata key `general.alignment`: expected u32, found {}",
+                    v.type_description()
+                )
+            })?;
             if a <= 0 || a > (1 << 30) || (a & (a - 1)) != 0 {
                 return Err(format!("metadata key `general.alignment`: {a} is not a power of two"));
             }
@@ -1034,7 +1067,9 @@ fn parse(b: &[u8]) -> PResult<Parsed> {
     let mut rel_offsets = Vec::with_capacity(n_tensors as usize);
     let mut names = HashSet::new();
     for i in 0..n_tensors {
-        let name = r.string(MAX_NAME_LEN).map_err(|e| format!("tensor info {i}: name: {e}"))?;
+        let name = r
+            .string(MAX_NAME_LEN)
+            .map_err(|e| format!("tensor info {i}: name: {e}"))?;
         let ctx = |e: String| format!("tensor `{name}`: {e}");
         let n_dims = r.u32().map_err(ctx)?;
         if n_dims > MAX_DIMS {
@@ -1068,11 +1103,15 @@ fn parse(b: &[u8]) -> PResult<Parsed> {
             // The ggml table and DType must agree on the packing; a mismatch
             // would make QTensor read the wrong bytes.
             if dt.bytes_for(numel as usize) as u64 != nbytes {
-                return Err(ctx(format!("{type_name}: size {nbytes} disagrees with Lynx's {dt} layout")));
+                return Err(ctx(format!(
+                    "{type_name}: size {nbytes} disagrees with Lynx's {dt} layout"
+                )));
             }
         }
         if rel % alignment as u64 != 0 {
-            return Err(ctx(format!("data offset {rel} is not a multiple of the alignment {alignment}")));
+            return Err(ctx(format!(
+                "data offset {rel} is not a multiple of the alignment {alignment}"
+            )));
         }
         if !names.insert(name.clone()) {
             return Err(format!("tensor `{name}` appears twice"));
@@ -1210,7 +1249,11 @@ pub fn write_gguf(path: &Path, metadata: &[(String, GgufValue)], tensors: &[&QTe
             return Err(invalid(format!("tensor `{}` given twice", t.name)));
         }
         if t.shape.len() > MAX_DIMS as usize {
-            return Err(invalid(format!("tensor `{}` has {} dimensions (at most {MAX_DIMS})", t.name, t.shape.len())));
+            return Err(invalid(format!(
+                "tensor `{}` has {} dimensions (at most {MAX_DIMS})",
+                t.name,
+                t.shape.len()
+            )));
         }
         let (bv, _) = t.dtype.block();
         if t.cols() % bv != 0 {
@@ -1322,8 +1365,14 @@ pub(crate) mod tests {
             ("t.arr_i64".into(), GgufValue::Array(GgufArray::I64(vec![-7, 7]))),
             ("t.arr_f32".into(), GgufValue::Array(GgufArray::F32(vec![0.5, -1.0]))),
             ("t.arr_f64".into(), GgufValue::Array(GgufArray::F64(vec![1e-300]))),
-            ("t.arr_bool".into(), GgufValue::Array(GgufArray::Bool(vec![true, false, true]))),
-            ("t.arr_str".into(), vec!["a b".to_string(), "Ġt".into(), String::new()].into()),
+            (
+                "t.arr_bool".into(),
+                GgufValue::Array(GgufArray::Bool(vec![true, false, true])),
+            ),
+            (
+                "t.arr_str".into(),
+                vec!["a b".to_string(), "Ġt".into(), String::new()].into(),
+            ),
             ("t.arr_empty".into(), GgufValue::Array(GgufArray::String(vec![]))),
             (
                 "t.arr_nested".into(),
@@ -1338,23 +1387,33 @@ pub(crate) mod tests {
     }
 
     fn all_dtype_tensors() -> Vec<QTensor> {
-        [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1]
-            .iter()
-            .enumerate()
-            .map(|(i, &dt)| {
-                let shape = if i % 2 == 0 { vec![3, 64] } else { vec![2, 2, 32] };
-                let n: usize = shape.iter().product();
-                let bytes = quantize(dt, &seeded(n, i as u64 + 1));
-                QTensor::from_bytes(format!("blk.{i}.{}", dt.name().to_lowercase()), dt, shape, bytes)
-            })
-            .collect()
+        [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q4_1,
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, &dt)| {
+            let shape = if i % 2 == 0 { vec![3, 64] } else { vec![2, 2, 32] };
+            let n: usize = shape.iter().product();
+            let bytes = quantize(dt, &seeded(n, i as u64 + 1));
+            QTensor::from_bytes(format!("blk.{i}.{}", dt.name().to_lowercase()), dt, shape, bytes)
+        })
+        .collect()
     }
 
     fn small_file_bytes() -> Vec<u8> {
         let path = temp_path("small");
         let meta = vec![
             ("general.architecture".to_string(), GgufValue::from("llama")),
-            ("tokenizer.ggml.tokens".into(), vec!["a".to_string(), "bc".into()].into()),
+            (
+                "tokenizer.ggml.tokens".into(),
+                vec!["a".to_string(), "bc".into()].into(),
+            ),
             ("llama.block_count".into(), GgufValue::U32(2)),
         ];
         let t1 = QTensor::from_f32("a", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
@@ -1446,7 +1505,14 @@ pub(crate) mod tests {
 
     #[test]
     fn ggml_table_agrees_with_dtype_layouts() {
-        for dt in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        for dt in [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q4_1,
+        ] {
             let id = ggml_type_id(dt);
             assert_eq!(dtype_from_ggml(id), Some(dt));
             let (name, bv, bb) = ggml_type_entry(id).unwrap();

@@ -233,7 +233,10 @@ impl Tokenizer {
                 None => Ok(None),
                 Some(s) => match inner.token_to_id(&s) {
                     Some(id) => Ok(Some((s, id))),
-                    None => Err(tok_err(&cfg_path, format!("{key} `{s}` is not in the vocabulary of {}", tok_path.display()))),
+                    None => Err(tok_err(
+                        &cfg_path,
+                        format!("{key} `{s}` is not in the vocabulary of {}", tok_path.display()),
+                    )),
                 },
             }
         };
@@ -241,7 +244,10 @@ impl Tokenizer {
         let eos = lookup("eos_token")?;
         let gen_field = |k: &str| gen_cfg.as_ref().and_then(|c| c.get(k));
 
-        let bos_id = bos.as_ref().map(|b| b.1).or_else(|| json_ids(gen_field("bos_token_id")).first().copied());
+        let bos_id = bos
+            .as_ref()
+            .map(|b| b.1)
+            .or_else(|| json_ids(gen_field("bos_token_id")).first().copied());
         let bos_token = bos.map(|b| b.0).or_else(|| bos_id.and_then(|id| inner.id_to_token(id)));
         let mut eos_ids = Vec::new();
         if let Some((_, id)) = &eos {
@@ -250,7 +256,9 @@ impl Tokenizer {
         for id in json_ids(gen_field("eos_token_id")) {
             push_unique(&mut eos_ids, id);
         }
-        let eos_token = eos.map(|e| e.0).or_else(|| eos_ids.first().and_then(|&id| inner.id_to_token(id)));
+        let eos_token = eos
+            .map(|e| e.0)
+            .or_else(|| eos_ids.first().and_then(|&id| inner.id_to_token(id)));
 
         let jinja_path = dir.join("chat_template.jinja");
         let chat_template = if jinja_path.is_file() {
@@ -259,7 +267,11 @@ impl Tokenizer {
             Some(t)
         } else {
             // Older multimodal checkpoints keep it in chat_template.json.
-            config_chat_template(read_json(&dir.join("chat_template.json"))?.as_ref().and_then(|c| c.get("chat_template")))
+            config_chat_template(
+                read_json(&dir.join("chat_template.json"))?
+                    .as_ref()
+                    .and_then(|c| c.get("chat_template")),
+            )
         };
 
         // Whether the tokenizer.json post-processor already adds BOS is
@@ -342,21 +354,35 @@ impl Tokenizer {
         }
         let mut merges: Merges = Vec::with_capacity(merges_raw.len());
         for (i, m) in merges_raw.iter().enumerate() {
-            let (a, b) = m
-                .split_once(' ')
-                .ok_or_else(|| tok_err(path, format!("tokenizer.ggml.merges[{i}] = {m:?} is not \"left right\"")))?;
+            let (a, b) = m.split_once(' ').ok_or_else(|| {
+                tok_err(
+                    path,
+                    format!("tokenizer.ggml.merges[{i}] = {m:?} is not \"left right\""),
+                )
+            })?;
             merges.push((a.to_string(), b.to_string()));
         }
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| tok_err(path, format!("building the BPE model from tokenizer.ggml.tokens/merges: {e}")))?;
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| {
+            tok_err(
+                path,
+                format!("building the BPE model from tokenizer.ggml.tokens/merges: {e}"),
+            )
+        })?;
 
         let mut inner = tokenizers::Tokenizer::new(bpe);
         let pre_tokenizer: PreTokenizerWrapper = match gguf_pre_tokenizer_regex(pre) {
             Some(regex) => {
-                let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
-                    .map_err(|e| tok_err(path, format!("pre-tokenizer regex for tokenizer.ggml.pre = {pre:?}: {e}")))?;
+                let split = Split::new(
+                    SplitPattern::Regex(regex.to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| {
+                    tok_err(
+                        path,
+                        format!("pre-tokenizer regex for tokenizer.ggml.pre = {pre:?}: {e}"),
+                    )
+                })?;
                 Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
             }
             None => ByteLevel::new(false, true, true).into(),
@@ -367,7 +393,10 @@ impl Tokenizer {
         let id_of = |key: &str| -> Result<Option<u32>> {
             match g.opt_u32(key)? {
                 Some(id) if (id as usize) < tokens.len() => Ok(Some(id)),
-                Some(id) => Err(tok_err(path, format!("{key} = {id} is outside the vocabulary ({} tokens)", tokens.len()))),
+                Some(id) => Err(tok_err(
+                    path,
+                    format!("{key} = {id} is outside the vocabulary ({} tokens)", tokens.len()),
+                )),
                 None => Ok(None),
             }
         };
@@ -375,9 +404,13 @@ impl Tokenizer {
         let eos_id = id_of("tokenizer.ggml.eos_token_id")?;
         let mut eos_ids = Vec::new();
         // llama.cpp also stops at end-of-turn and end-of-message tokens.
-        for id in [eos_id, id_of("tokenizer.ggml.eot_token_id")?, id_of("tokenizer.ggml.eom_token_id")?]
-            .into_iter()
-            .flatten()
+        for id in [
+            eos_id,
+            id_of("tokenizer.ggml.eot_token_id")?,
+            id_of("tokenizer.ggml.eom_token_id")?,
+        ]
+        .into_iter()
+        .flatten()
         {
             push_unique(&mut eos_ids, id);
         }
@@ -564,7 +597,9 @@ impl Tokenizer {
             return Err(err(format!("model type {} is not BPE", model["type"])));
         }
         if model["byte_fallback"].as_bool() == Some(true) {
-            return Err(err("BPE with byte_fallback (SentencePiece-style) is not byte-level".into()));
+            return Err(err(
+                "BPE with byte_fallback (SentencePiece-style) is not byte-level".into()
+            ));
         }
         for affix in ["continuing_subword_prefix", "end_of_word_suffix"] {
             if model[affix].as_str().is_some_and(|s| !s.is_empty()) {
@@ -581,7 +616,10 @@ impl Tokenizer {
         let pre = match &self.gguf_pre {
             Some(p) => p.clone(),
             None => gguf_pre_name(&json["pre_tokenizer"]).ok_or_else(|| {
-                err(format!("pre-tokenizer {} has no GGUF equivalent", json["pre_tokenizer"]))
+                err(format!(
+                    "pre-tokenizer {} has no GGUF equivalent",
+                    json["pre_tokenizer"]
+                ))
             })?,
         };
 
@@ -619,10 +657,12 @@ impl Tokenizer {
             .iter()
             .map(|m| match m {
                 serde_json::Value::String(s) => Ok(s.clone()),
-                serde_json::Value::Array(p) => match (p.first().and_then(|x| x.as_str()), p.get(1).and_then(|x| x.as_str())) {
-                    (Some(a), Some(b)) if p.len() == 2 => Ok(format!("{a} {b}")),
-                    _ => Err(err(format!("malformed merge {m}"))),
-                },
+                serde_json::Value::Array(p) => {
+                    match (p.first().and_then(|x| x.as_str()), p.get(1).and_then(|x| x.as_str())) {
+                        (Some(a), Some(b)) if p.len() == 2 => Ok(format!("{a} {b}")),
+                        _ => Err(err(format!("malformed merge {m}"))),
+                    }
+                }
                 _ => Err(err(format!("malformed merge {m}"))),
             })
             .collect::<Result<Vec<String>>>()?;
@@ -638,7 +678,10 @@ impl Tokenizer {
             ("tokenizer.ggml.model".into(), "gpt2".into()),
             ("tokenizer.ggml.pre".into(), pre.into()),
             ("tokenizer.ggml.tokens".into(), tokens.into()),
-            ("tokenizer.ggml.token_type".into(), GgufValue::Array(GgufArray::I32(types))),
+            (
+                "tokenizer.ggml.token_type".into(),
+                GgufValue::Array(GgufArray::I32(types)),
+            ),
             ("tokenizer.ggml.merges".into(), merges.into()),
         ];
         if let Some(id) = self.bos_id {
@@ -676,13 +719,18 @@ fn gguf_pre_name(pt: &serde_json::Value) -> Option<String> {
     }
     let parts = pt["pretokenizers"].as_array()?;
     match parts.as_slice() {
-        [d, b] if d["type"].as_str() == Some("Digits")
-            && d["individual_digits"].as_bool() == Some(true)
-            && is_byte_level(b, true) => Some("smollm".into()),
-        [s, b] if s["type"].as_str() == Some("Split")
-            && s["behavior"].as_str() == Some("Isolated")
-            && !s["invert"].as_bool().unwrap_or(false)
-            && is_byte_level(b, false) =>
+        [d, b]
+            if d["type"].as_str() == Some("Digits")
+                && d["individual_digits"].as_bool() == Some(true)
+                && is_byte_level(b, true) =>
+        {
+            Some("smollm".into())
+        }
+        [s, b]
+            if s["type"].as_str() == Some("Split")
+                && s["behavior"].as_str() == Some("Isolated")
+                && !s["invert"].as_bool().unwrap_or(false)
+                && is_byte_level(b, false) =>
         {
             let re = s["pattern"]["Regex"].as_str()?;
             ["llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o"]
@@ -747,7 +795,9 @@ mod tests {
     /// four added special tokens after them.
     fn tiny_vocab() -> (Vec<String>, Vec<String>) {
         let mut tokens: Vec<String> = bytes_to_unicode().iter().map(|c| c.to_string()).collect();
-        let merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d"];
+        let merges = [
+            "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d",
+        ];
         for m in merges {
             tokens.push(m.replace(' ', ""));
         }
@@ -759,8 +809,11 @@ mod tests {
 
     fn write_hf_dir(dir: &Path, config: serde_json::Value, generation: Option<serde_json::Value>) {
         let (tokens, merges) = tiny_vocab();
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::json!(i))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+            .collect();
         let added: Vec<serde_json::Value> = tokens
             .iter()
             .enumerate()
@@ -846,12 +899,19 @@ mod tests {
     #[test]
     fn hf_dir_template_file_fallbacks_and_absence() {
         let dir = temp_dir("hf-jinja");
-        write_hf_dir(&dir, serde_json::json!({"eos_token": "</s>", "chat_template": "config"}), None);
+        write_hf_dir(
+            &dir,
+            serde_json::json!({"eos_token": "</s>", "chat_template": "config"}),
+            None,
+        );
         std::fs::write(dir.join("chat_template.jinja"), "{{ messages[0].content.upper() }}").unwrap();
         let tok = Tokenizer::from_hf_dir(&dir).unwrap().unwrap();
         assert_eq!(tok.bos_token_id(), None);
         assert_eq!(tok.encode("hello", true).unwrap().len(), 1, "no BOS to add");
-        assert_eq!(tok.apply_chat_template(&[ChatMessage::user("abc")], false).unwrap(), "ABC");
+        assert_eq!(
+            tok.apply_chat_template(&[ChatMessage::user("abc")], false).unwrap(),
+            "ABC"
+        );
 
         // Without any template, ChatML is used.
         std::fs::remove_file(dir.join("chat_template.jinja")).unwrap();
@@ -904,7 +964,10 @@ mod tests {
             ("tokenizer.ggml.model".into(), model.into()),
             ("tokenizer.ggml.pre".into(), "smollm".into()),
             ("tokenizer.ggml.tokens".into(), tokens.clone().into()),
-            ("tokenizer.ggml.token_type".into(), GgufValue::Array(GgufArray::I32(types))),
+            (
+                "tokenizer.ggml.token_type".into(),
+                GgufValue::Array(GgufArray::I32(types)),
+            ),
             ("tokenizer.ggml.merges".into(), merges.into()),
             ("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(n as u32 - 4)),
             ("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(n as u32 - 1)),
@@ -930,11 +993,21 @@ mod tests {
         let ids = tok.encode("<|im_start|>hello world<|im_end|>", true).unwrap();
         assert_eq!(ids, vec![n - 4, n - 2, id("hello"), id("Ġworld"), n - 1]);
         assert_eq!(tok.decode(&ids, true).unwrap(), "hello world");
-        assert_eq!(tok.decode(&ids[1..], false).unwrap(), "<|im_start|>hello world<|im_end|>");
+        assert_eq!(
+            tok.decode(&ids[1..], false).unwrap(),
+            "<|im_start|>hello world<|im_end|>"
+        );
         // The user-defined token is matched whole even inside a word.
-        assert_eq!(tok.encode("xhellox", false).unwrap(), vec![id("x"), id("hello"), id("x")]);
+        assert_eq!(
+            tok.encode("xhellox", false).unwrap(),
+            vec![id("x"), id("hello"), id("x")]
+        );
         assert!(tok.chat_template().is_none());
-        assert!(tok.apply_chat_template(&[ChatMessage::user("hi")], true).unwrap().ends_with("assistant\n"));
+        assert!(
+            tok.apply_chat_template(&[ChatMessage::user("hi")], true)
+                .unwrap()
+                .ends_with("assistant\n")
+        );
 
         let g = tiny_gguf(&dir, "llama", false);
         match Tokenizer::from_gguf(&g) {
@@ -952,7 +1025,10 @@ mod tests {
     fn pre_tokenizer_regexes_compile() {
         for pre in ["llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o"] {
             let re = gguf_pre_tokenizer_regex(pre).unwrap();
-            assert!(Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false).is_ok(), "{pre}");
+            assert!(
+                Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false).is_ok(),
+                "{pre}"
+            );
         }
         assert_eq!(gguf_pre_tokenizer_regex("smollm"), None);
         assert_eq!(bytes_to_unicode()[b' ' as usize], 'Ġ');
@@ -983,7 +1059,9 @@ mod tests {
         assert_eq!(toks[..4], ["Hello", ",", "Ġworld", "!"]);
         assert_eq!(tok.decode(&ids, false).unwrap(), text);
 
-        let prompt = tok.apply_chat_template(&[ChatMessage::user("What is the capital of France?")], true).unwrap();
+        let prompt = tok
+            .apply_chat_template(&[ChatMessage::user("What is the capital of France?")], true)
+            .unwrap();
         assert_eq!(
             prompt,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
@@ -1025,7 +1103,11 @@ mod tests {
         if let Some(t) = smollm2() {
             sources.push(("smollm2".into(), t));
         }
-        let texts = ["<|im_start|>user\nhello  world 12<|im_end|>\n", "  1 hello\tworld ÿ", ""];
+        let texts = [
+            "<|im_start|>user\nhello  world 12<|im_end|>\n",
+            "  1 hello\tworld ÿ",
+            "",
+        ];
         for (name, src) in sources {
             let meta = src.gguf_metadata().unwrap();
             let path = dir.join("tok.gguf");
@@ -1039,11 +1121,18 @@ mod tests {
                 for special in [false, true] {
                     let ids = src.encode(t, special).unwrap();
                     assert_eq!(back.encode(t, special).unwrap(), ids, "{name}: {t:?}");
-                    assert_eq!(back.decode(&ids, true).unwrap(), src.decode(&ids, true).unwrap(), "{name}");
+                    assert_eq!(
+                        back.decode(&ids, true).unwrap(),
+                        src.decode(&ids, true).unwrap(),
+                        "{name}"
+                    );
                 }
             }
             let msgs = [ChatMessage::user(" hi ")];
-            assert_eq!(back.apply_chat_template(&msgs, true).unwrap(), src.apply_chat_template(&msgs, true).unwrap());
+            assert_eq!(
+                back.apply_chat_template(&msgs, true).unwrap(),
+                src.apply_chat_template(&msgs, true).unwrap()
+            );
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1074,21 +1163,33 @@ mod tests {
         let Some(tok) = smollm2() else { return };
         let j: serde_json::Value = serde_json::from_str(&text).unwrap();
         let ids_of = |v: &serde_json::Value| -> Vec<u32> {
-            v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
         };
         let mut checked = 0;
         for probe in j["tokenizer_probes"].as_array().unwrap() {
             let s = probe["text"].as_str().unwrap();
             let want = ids_of(&probe["ids"]);
             assert_eq!(tok.encode(s, true).unwrap(), want, "probe {s:?}");
-            assert_eq!(tok.decode(&want, false).unwrap(), probe["decoded"].as_str().unwrap(), "decode {s:?}");
+            assert_eq!(
+                tok.decode(&want, false).unwrap(),
+                probe["decoded"].as_str().unwrap(),
+                "decode {s:?}"
+            );
             checked += 1;
         }
         for (name, p) in j["prompts"].as_object().unwrap() {
             let s = p["prompt_text"].as_str().unwrap();
             assert_eq!(tok.encode(s, true).unwrap(), ids_of(&p["prompt_ids"]), "prompt {name}");
             let new_ids = ids_of(&p["greedy_new_ids"]);
-            assert_eq!(tok.decode(&new_ids, false).unwrap(), p["greedy_text"].as_str().unwrap(), "{name}");
+            assert_eq!(
+                tok.decode(&new_ids, false).unwrap(),
+                p["greedy_text"].as_str().unwrap(),
+                "{name}"
+            );
             assert_eq!(
                 tok.decode(&new_ids, true).unwrap(),
                 p["greedy_text_skip_special"].as_str().unwrap(),
@@ -1097,7 +1198,9 @@ mod tests {
             checked += 1;
         }
         // The chat prompt is what our template rendering produces.
-        let chat = tok.apply_chat_template(&[ChatMessage::user("What is the capital of France?")], true).unwrap();
+        let chat = tok
+            .apply_chat_template(&[ChatMessage::user("What is the capital of France?")], true)
+            .unwrap();
         assert_eq!(chat, j["prompts"]["chat"]["prompt_text"].as_str().unwrap());
         assert_eq!(tok.chat_template(), j["tokenizer"]["chat_template"].as_str());
         assert!(checked >= 8, "golden file has too few cases");

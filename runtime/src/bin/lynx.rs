@@ -35,6 +35,41 @@ enum Command {
     /// Chat interactively: one user message per line on stdin; `/reset`
     /// clears the conversation, `/quit` or end of input exits.
     Chat(ChatArgs),
+    /// Write a model as a GGUF file with its matrices quantised, so the next
+    /// load is fast and small (llama and mixtral models).
+    Quantize {
+        /// A Hugging Face checkpoint directory or a .gguf file.
+        model: PathBuf,
+        /// Output .gguf file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Storage format of the weight matrices (norms and routers stay f32).
+        #[arg(long, value_enum, default_value_t = QuantFormat::Q8_0)]
+        to: QuantFormat,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+#[allow(non_camel_case_types)]
+enum QuantFormat {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    F32,
+}
+
+impl From<QuantFormat> for lynx::DType {
+    fn from(q: QuantFormat) -> Self {
+        match q {
+            QuantFormat::Q8_0 => lynx::DType::Q8_0,
+            QuantFormat::Q4_0 => lynx::DType::Q4_0,
+            QuantFormat::Q4_1 => lynx::DType::Q4_1,
+            QuantFormat::F32 => lynx::DType::F32,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -141,7 +176,26 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect { model } => inspect(&model),
         Command::Generate(args) => generate_cmd(&args),
         Command::Chat(args) => chat_cmd(&args),
+        Command::Quantize { model, output, to } => quantize_cmd(&model, &output, to.into()),
     }
+}
+
+fn quantize_cmd(model: &Path, output: &Path, dtype: lynx::DType) -> anyhow::Result<()> {
+    if output.exists() && output.is_dir() {
+        anyhow::bail!("output {} is a directory; give a .gguf file name", output.display());
+    }
+    let loaded = load_model(model)?;
+    let start = Instant::now();
+    lynx::export::write_model_gguf(&loaded, dtype, output)
+        .with_context(|| format!("failed to write {}", output.display()))?;
+    let bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} ({dtype}, {:.1} MiB) in {:.1}s",
+        output.display(),
+        bytes as f64 / (1024.0 * 1024.0),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Loads a model, with a spinner on stderr when a person is watching it; a
