@@ -1,0 +1,70 @@
+//! The `lynx` binary end to end: `inspect` on every fixture, and bad input
+//! that must end in a one-line error and exit code 1, never a panic.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures")
+}
+
+fn lynx(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lynx")).args(args).output().expect("run lynx");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn inspect_describes_every_fixture() {
+    for (fixture, arch, experts) in [
+        ("llama", "llama", None),
+        ("mixtral", "mixtral", Some("E=8 top-k=2")),
+        ("olmoe", "olmoe", Some("E=8 top-k=2")),
+        ("qwen2_moe", "qwen2_moe", Some("E=8 top-k=2")),
+        ("qwen3_moe", "qwen3_moe", Some("E=8 top-k=2")),
+        ("qwen3_moe_stacked", "qwen3_moe", Some("E=8 top-k=2")),
+    ] {
+        let path = fixtures().join(fixture);
+        let (code, out, err) = lynx(&["inspect", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "{fixture}: {err}");
+        assert!(out.contains(&format!("architecture:    {arch}")), "{fixture}: {out}");
+        match experts {
+            Some(e) => assert!(out.contains(e), "{fixture}: {out}"),
+            None => assert!(out.contains("dense"), "{fixture}: {out}"),
+        }
+        // The parameter count equals the elements actually stored.
+        assert!(out.contains("parameters:"), "{fixture}: {out}");
+    }
+}
+
+#[test]
+fn bad_input_exits_with_a_clear_error() {
+    let llama = fixtures().join("llama");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["inspect", "/no/such/model"], "does not exist"),
+        (vec!["generate", "/no/such/model", "--prompt", "hi"], "does not exist"),
+        // The tiny fixtures have no tokenizer.
+        (vec!["generate", llama.to_str().unwrap(), "--prompt", "hi"], "has no tokenizer"),
+        (vec!["generate", llama.to_str().unwrap(), "--prompt", "hi", "--top-p", "0"], "top_p"),
+    ];
+    for (args, want) in cases {
+        let (code, _, err) = lynx(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains("Error:") && err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn prompt_over_the_context_length_is_refused() {
+    let gguf = lynx::loader::smollm2_gguf_path();
+    assert!(gguf.exists(), "run `bash models/get-smollm2.sh` first ({} missing)", gguf.display());
+    // SmolLM2's context is 8192 tokens; " a" is one token.
+    let prompt = " a".repeat(9000);
+    let (code, _, err) = lynx(&["generate", gguf.to_str().unwrap(), "--prompt", &prompt]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("context length is 8192"), "{err}");
+}
