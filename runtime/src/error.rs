@@ -70,6 +70,11 @@ pub enum Error {
 
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// A GPU failure (no adapter, a wgpu validation or out-of-memory error,
+    /// a failed buffer read), with the operation that was being done.
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod gpu;
 pub mod linear;
 pub mod loader;
 pub mod model;

@@ -1,0 +1,548 @@
+//! `GpuContext`: the wgpu instance, the chosen adapter, its device and queue,
+//! the optional features that are switched on, the limits we asked for, and
+//! the pipeline cache. Also the plain buffer helpers every kernel uses
+//! (`GpuTensor`, upload, read-back) and the mapping of wgpu errors into
+//! [`Error::Gpu`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::pipelines::PipelineCache;
+
+/// How to pick and drive the GPU.
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    /// Only consider adapters whose name contains this text (case-insensitive).
+    pub adapter_name: Option<String>,
+    /// Wrap every submission (and buffer creation) in wgpu error scopes so a
+    /// validation or out-of-memory error comes back as an `Err` naming the
+    /// operation. Pipeline creation is always checked, because it runs once.
+    pub check_errors: bool,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions { adapter_name: None, check_errors: cfg!(debug_assertions) }
+    }
+}
+
+impl GpuOptions {
+    /// Defaults, with the adapter filter taken from `LYNX_GPU_ADAPTER` when set.
+    /// (`WGPU_BACKEND` is honoured by the instance itself.)
+    pub fn from_env() -> Self {
+        let adapter_name = std::env::var("LYNX_GPU_ADAPTER").ok().filter(|s| !s.is_empty());
+        GpuOptions { adapter_name, ..GpuOptions::default() }
+    }
+}
+
+/// The optional wgpu features this engine can use, and whether each is on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuFeatures {
+    pub shader_f16: bool,
+    pub subgroup: bool,
+    pub timestamp_query: bool,
+}
+
+/// Element type of a [`GpuTensor`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    U32,
+}
+
+/// A dense f32 (activations) or u32 (token ids, positions) array on the GPU,
+/// row-major with the given shape.
+#[derive(Debug)]
+pub struct GpuTensor {
+    pub(crate) buffer: wgpu::Buffer,
+    pub shape: Vec<usize>,
+    pub elem: Elem,
+}
+
+impl GpuTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// Size of the data in bytes (the buffer may be larger: it is never empty).
+    pub fn data_bytes(&self) -> u64 {
+        self.numel() as u64 * 4
+    }
+}
+
+/// A command encoder that kernels record into; [`GpuContext::submit`] sends it.
+pub struct GpuEncoder {
+    pub(crate) encoder: wgpu::CommandEncoder,
+    pub(crate) label: String,
+    /// Number of dispatches recorded, for error messages and benchmarks.
+    pub dispatches: u32,
+}
+
+impl GpuEncoder {
+    /// Records one compute dispatch in its own pass. Each pass ends with an
+    /// implicit barrier, so a later kernel sees what an earlier one wrote.
+    pub(crate) fn dispatch(
+        &mut self,
+        label: &str,
+        pipeline: &wgpu::ComputePipeline,
+        bind_group: &wgpu::BindGroup,
+        grid: [u32; 3],
+    ) {
+        let mut pass = self
+            .encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, bind_group, &[]);
+        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+        self.dispatches += 1;
+    }
+
+    /// An empty compute pass that writes a timestamp at its start or end; the
+    /// benchmark brackets the kernels it times with two of these.
+    pub(crate) fn timestamp(&mut self, query_set: &wgpu::QuerySet, index: u32) {
+        let _pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("timestamp"),
+            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                query_set,
+                beginning_of_pass_write_index: Some(index),
+                end_of_pass_write_index: None,
+            }),
+        });
+    }
+
+    pub(crate) fn inner(&mut self) -> &mut wgpu::CommandEncoder {
+        &mut self.encoder
+    }
+}
+
+pub struct GpuContext {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    features: GpuFeatures,
+    limits: wgpu::Limits,
+    options: GpuOptions,
+    pub(crate) pipelines: PipelineCache,
+    /// Errors that no error scope caught. wgpu panics on those by default;
+    /// we collect them instead and report them at the next submit or read.
+    uncaptured: Arc<Mutex<Vec<String>>>,
+    /// A 4-byte storage buffer bound where a kernel's optional input (such as
+    /// a bias) is absent, because every binding of a layout must be filled.
+    pub(crate) dummy: wgpu::Buffer,
+    /// RoPE inverse-frequency tables by (theta bits, head dim), see `kernels::rope_heads`.
+    pub(crate) rope_tables: Mutex<HashMap<(u32, usize), Arc<wgpu::Buffer>>>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuContext({})", self.adapter_report())
+    }
+}
+
+/// Lower rank is preferred: real GPUs first, software rasterisers last.
+fn device_type_rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+const NO_ADAPTER_FIX: &str = "install a Vulkan driver, e.g. `apt-get install mesa-vulkan-drivers` \
+     for the software lavapipe driver (or set WGPU_BACKEND to a backend this machine has)";
+
+impl GpuContext {
+    /// Creates the instance (honouring `WGPU_BACKEND` and the other wgpu
+    /// environment variables), picks an adapter and opens its device.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new(opts: GpuOptions) -> Result<GpuContext> {
+        pollster::block_on(Self::new_async(opts))
+    }
+
+    /// The async form of [`GpuContext::new`], for targets that cannot block (wasm).
+    pub async fn new_async(opts: GpuOptions) -> Result<GpuContext> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = Self::pick_adapter(&instance, &opts).await?;
+        let info = adapter.get_info();
+        let adapter_features = adapter.features();
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let required_features = adapter_features & wanted;
+        let features = GpuFeatures {
+            shader_f16: required_features.contains(wgpu::Features::SHADER_F16),
+            subgroup: required_features.contains(wgpu::Features::SUBGROUP),
+            timestamp_query: required_features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        };
+        // wgpu gives a device the conservative WebGPU defaults unless we ask
+        // for more. We ask for everything the adapter offers: the engine needs
+        // its real storage-binding, buffer and workgroup-memory limits to size
+        // weight chunks and tiles, and larger limits cost nothing.
+        let required_limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("lynx device"),
+                required_features,
+                required_limits,
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::Gpu(format!("opening a device on adapter `{}` failed: {e}", info.name)))?;
+
+        let uncaptured = Arc::new(Mutex::new(Vec::new()));
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        let limits = device.limits();
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dummy (absent optional input)"),
+            size: 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Ok(GpuContext {
+            device,
+            queue,
+            info,
+            features,
+            limits,
+            options: opts,
+            pipelines: PipelineCache::default(),
+            uncaptured,
+            dummy,
+            rope_tables: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn pick_adapter(instance: &wgpu::Instance, opts: &GpuOptions) -> Result<wgpu::Adapter> {
+        let mut adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+        if adapters.is_empty() {
+            // The browser's WebGPU cannot enumerate; it hands out one adapter on request.
+            if let Ok(a) = instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    ..Default::default()
+                })
+                .await
+            {
+                adapters.push(a);
+            }
+        }
+        if adapters.is_empty() {
+            return Err(Error::Gpu(format!("no GPU/Vulkan adapter was found; {NO_ADAPTER_FIX}")));
+        }
+        let all_names: Vec<String> =
+            adapters.iter().map(|a| format!("{} ({:?})", a.get_info().name, a.get_info().backend)).collect();
+        if let Some(want) = &opts.adapter_name {
+            let want = want.to_lowercase();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&want));
+            if adapters.is_empty() {
+                return Err(Error::Gpu(format!(
+                    "no adapter name contains `{want}`; available: {}",
+                    all_names.join(", ")
+                )));
+            }
+        }
+        // Stable sort: among adapters of one type, wgpu's order (native
+        // backends before GL) decides.
+        adapters.sort_by_key(|a| device_type_rank(a.get_info().device_type));
+        Ok(adapters.remove(0))
+    }
+
+    /// One line describing the chosen adapter, its driver and what we enabled.
+    pub fn adapter_report(&self) -> String {
+        let i = &self.info;
+        let f = self.features;
+        let on: Vec<&str> =
+            [("shader-f16", f.shader_f16), ("subgroup", f.subgroup), ("timestamp-query", f.timestamp_query)]
+                .iter()
+                .filter(|(_, on)| *on)
+                .map(|(n, _)| *n)
+                .collect();
+        format!(
+            "adapter `{}` on {:?}, device type {:?}, driver `{}` ({}); features: {}; max storage binding {} MiB, \
+             max buffer {} MiB, workgroup memory {} KiB",
+            i.name,
+            i.backend,
+            i.device_type,
+            i.driver,
+            i.driver_info,
+            if on.is_empty() { "none".to_string() } else { on.join(", ") },
+            self.limits.max_storage_buffer_binding_size >> 20,
+            self.limits.max_buffer_size >> 20,
+            self.limits.max_compute_workgroup_storage_size >> 10,
+        )
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    pub fn features(&self) -> GpuFeatures {
+        self.features
+    }
+
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// The largest byte size one storage binding may have, capped at 2 GiB so
+    /// that byte offsets inside a binding always fit a shader's u32.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size).min(1 << 31)
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes and turns
+    /// anything they catch into `Error::Gpu` naming `what`.
+    pub(crate) fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        // Scopes pop in reverse order of their pushes.
+        let v = pollster::block_on(validation.pop());
+        let o = pollster::block_on(oom.pop());
+        match (v, o) {
+            (None, None) => Ok(out),
+            (Some(e), _) => Err(Error::Gpu(format!("{what}: validation error: {e}"))),
+            (None, Some(e)) => Err(Error::Gpu(format!("{what}: out of GPU memory: {e}"))),
+        }
+    }
+
+    /// Like [`GpuContext::scoped`] when `check_errors` is on; otherwise just runs `f`.
+    pub(crate) fn maybe_scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        if self.options.check_errors { self.scoped(what, f) } else { Ok(f()) }
+    }
+
+    /// Returns (and clears) the errors no scope caught, as one `Err`.
+    pub(crate) fn take_uncaptured(&self, what: &str) -> Result<()> {
+        let mut v: MutexGuard<'_, Vec<String>> = match self.uncaptured.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if v.is_empty() {
+            return Ok(());
+        }
+        let msg = v.join("; ");
+        v.clear();
+        Err(Error::Gpu(format!("{what}: {msg}")))
+    }
+
+    /// A fresh encoder for kernels to record into.
+    pub fn encoder(&self, label: &str) -> GpuEncoder {
+        let encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+        GpuEncoder { encoder, label: label.to_string(), dispatches: 0 }
+    }
+
+    /// Finishes and submits `enc` without waiting for the GPU.
+    pub fn submit(&self, enc: GpuEncoder) -> Result<wgpu::SubmissionIndex> {
+        let what = format!("submitting `{}` ({} dispatches)", enc.label, enc.dispatches);
+        self.take_uncaptured(&what)?;
+        let index = self.maybe_scoped(&what, || self.queue.submit([enc.encoder.finish()]))?;
+        self.take_uncaptured(&what)?;
+        Ok(index)
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        self.take_uncaptured("waiting for the GPU")
+    }
+
+    /// A storage buffer (also copyable both ways). `uniform` adds the UNIFORM
+    /// usage, so small activation tensors can also be bound as uniforms.
+    fn create_storage(&self, label: &str, bytes: u64, contents: Option<&[u8]>, uniform: bool) -> Result<wgpu::Buffer> {
+        // Buffers are never empty (a zero-sized binding is invalid) and are a
+        // whole number of 16-byte vec4s, so that kernels may view any f32
+        // tensor as `array<vec4<f32>>` and still reach its last values.
+        let size = bytes.max(16).div_ceil(16) * 16;
+        if size > self.limits.max_buffer_size {
+            return Err(Error::Gpu(format!(
+                "buffer `{label}` needs {size} bytes, more than this adapter's max_buffer_size {}",
+                self.limits.max_buffer_size
+            )));
+        }
+        let mut usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        if uniform {
+            usage |= wgpu::BufferUsages::UNIFORM;
+        }
+        let what = format!("creating buffer `{label}` ({size} bytes)");
+        self.maybe_scoped(&what, || match contents {
+            Some(data) => {
+                let mut padded;
+                let data = if data.len() as u64 == size {
+                    data
+                } else {
+                    padded = data.to_vec();
+                    padded.resize(size as usize, 0);
+                    &padded[..]
+                };
+                self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: data,
+                    usage,
+                })
+            }
+            None => self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            }),
+        })
+    }
+
+    /// A storage buffer holding `bytes` (padded with zeros to whole vec4s).
+    pub(crate) fn upload_bytes(&self, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+        self.create_storage(label, bytes.len() as u64, Some(bytes), false)
+    }
+
+    fn check_len(label: &str, len: usize, shape: &[usize]) -> Result<()> {
+        let want: usize = shape.iter().product();
+        if len != want {
+            return Err(Error::InvalidArgument(format!(
+                "GPU tensor `{label}`: {len} values do not fill shape {shape:?} ({want} values)"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn upload_f32(&self, label: &str, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
+        Self::check_len(label, data.len(), shape)?;
+        let buffer = self.create_storage(label, data.len() as u64 * 4, Some(bytemuck::cast_slice(data)), true)?;
+        Ok(GpuTensor { buffer, shape: shape.to_vec(), elem: Elem::F32 })
+    }
+
+    pub fn upload_u32(&self, label: &str, data: &[u32], shape: &[usize]) -> Result<GpuTensor> {
+        Self::check_len(label, data.len(), shape)?;
+        let buffer = self.upload_bytes(label, bytemuck::cast_slice(data))?;
+        Ok(GpuTensor { buffer, shape: shape.to_vec(), elem: Elem::U32 })
+    }
+
+    /// An f32 tensor of zeros (wgpu zero-initialises new buffers).
+    pub fn zeros_f32(&self, label: &str, shape: &[usize]) -> Result<GpuTensor> {
+        let n: usize = shape.iter().product();
+        let buffer = self.create_storage(label, n as u64 * 4, None, true)?;
+        Ok(GpuTensor { buffer, shape: shape.to_vec(), elem: Elem::F32 })
+    }
+
+    /// A u32 tensor of zeros.
+    pub fn zeros_u32(&self, label: &str, shape: &[usize]) -> Result<GpuTensor> {
+        let n: usize = shape.iter().product();
+        let buffer = self.create_storage(label, n as u64 * 4, None, false)?;
+        Ok(GpuTensor { buffer, shape: shape.to_vec(), elem: Elem::U32 })
+    }
+
+    /// Overwrites the contents of a u32 tensor from the host.
+    pub fn write_u32(&self, t: &GpuTensor, data: &[u32]) -> Result<()> {
+        if t.elem != Elem::U32 || data.len() != t.numel() {
+            return Err(Error::InvalidArgument(format!(
+                "write_u32: {} values into a {:?} tensor of shape {:?}",
+                data.len(),
+                t.elem,
+                t.shape
+            )));
+        }
+        self.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// Overwrites the contents of an f32 tensor from the host.
+    pub fn write_f32(&self, t: &GpuTensor, data: &[f32]) -> Result<()> {
+        if t.elem != Elem::F32 || data.len() != t.numel() {
+            return Err(Error::InvalidArgument(format!(
+                "write_f32: {} values into a {:?} tensor of shape {:?}",
+                data.len(),
+                t.elem,
+                t.shape
+            )));
+        }
+        self.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// Copies `bytes` bytes from the start of `src` back to the host. Submits
+    /// all pending work and blocks until it is done.
+    pub(crate) fn read_bytes(&self, src: &wgpu::Buffer, bytes: u64, what: &str) -> Result<Vec<u8>> {
+        let size = bytes.max(4).div_ceil(4) * 4;
+        let staging = self.maybe_scoped(what, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("read-back staging"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        let mut enc = self.encoder(what);
+        enc.inner().copy_buffer_to_buffer(src, 0, &staging, 0, size);
+        self.submit(enc)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            // The receiver lives until after the poll below, so a send
+            // failure cannot happen; there is nothing useful to do if it did.
+            let _ = tx.send(r);
+        });
+        // Map callbacks run inside some thread's `poll`. When several threads
+        // share the device, another thread may be running ours just as our
+        // own wait returns, so wait for the callback itself, polling again
+        // while it has not come.
+        let start = std::time::Instant::now();
+        loop {
+            self.wait()?;
+            match rx.recv_timeout(std::time::Duration::from_millis(5)) {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => return Err(Error::Gpu(format!("{what}: mapping the read-back buffer failed: {e}"))),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if start.elapsed().as_secs() < 600 => continue,
+                Err(_) => return Err(Error::Gpu(format!("{what}: the read-back buffer was never mapped"))),
+            }
+        }
+        let out = {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| Error::Gpu(format!("{what}: reading the mapped buffer failed: {e}")))?;
+            view[..bytes as usize].to_vec()
+        };
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Reads a u32 tensor back (waits for all submitted work).
+    pub fn read_u32(&self, t: &GpuTensor) -> Result<Vec<u32>> {
+        if t.elem != Elem::U32 {
+            return Err(Error::InvalidArgument(format!("read_u32 on a {:?} tensor", t.elem)));
+        }
+        let bytes = self.read_bytes(&t.buffer, t.data_bytes(), "reading a tensor back")?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// Reads an f32 tensor back (waits for all submitted work).
+    pub fn read_f32(&self, t: &GpuTensor) -> Result<Vec<f32>> {
+        if t.elem != Elem::F32 {
+            return Err(Error::InvalidArgument(format!("read_f32 on a {:?} tensor", t.elem)));
+        }
+        let bytes = self.read_bytes(&t.buffer, t.data_bytes(), "reading a tensor back")?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+}

@@ -1,0 +1,45 @@
+//! The wgpu/WGSL GPU engine: groundwork.
+//!
+//! - [`context`]: adapter selection, device, optional features and limits,
+//!   buffers ([`GpuTensor`]), submission and read-back, error mapping.
+//! - [`pipelines`]: the embedded shaders (`shaders/*.wgsl`) and the pipeline
+//!   cache keyed by file, entry point, includes and defines.
+//! - [`weights`]: [`GpuMatrix`], a weight matrix in its stored quant format,
+//!   split into row chunks that each fit one storage binding.
+//! - [`kernels`]: one host function per kernel (matmul, embedding gather,
+//!   RMSNorm, RoPE, SwiGLU, residual add), each checked against the CPU
+//!   reference in `tests.rs`.
+//! - [`bench`]: a matmul micro-benchmark (GPU and CPU).
+//!
+//! Typical use: upload, record kernels into an encoder, submit, read back.
+//!
+//! ```no_run
+//! # fn main() -> lynx::Result<()> {
+//! use lynx::gpu::{GpuContext, GpuMatrix, GpuOptions, matmul_nt};
+//! # let weight: lynx::QTensor = unimplemented!();
+//! let ctx = GpuContext::new(GpuOptions::from_env())?;
+//! let w = GpuMatrix::upload(&ctx, &weight)?; // (N, C)
+//! let (n, c) = (w.rows, w.cols);
+//! let x = ctx.upload_f32("x", &vec![1.0; 2 * c], &[2, c])?;
+//! let y = ctx.zeros_f32("y", &[2, n])?;
+//! let mut enc = ctx.encoder("example");
+//! matmul_nt(&ctx, &mut enc, &x, &w, None, &y)?;
+//! ctx.submit(enc)?;
+//! let y = ctx.read_f32(&y)?;
+//! # Ok(()) }
+//! ```
+
+pub mod bench;
+pub mod context;
+pub mod kernels;
+pub mod pipelines;
+pub mod weights;
+
+#[cfg(test)]
+mod tests;
+
+pub use bench::{bench_cpu_matmul, bench_matmul};
+pub use context::{Elem, GpuContext, GpuEncoder, GpuFeatures, GpuOptions, GpuTensor};
+pub use kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
+pub use pipelines::{DefineValue, ShaderSpec};
+pub use weights::GpuMatrix;

@@ -1,0 +1,130 @@
+//! `GpuMatrix`: a weight matrix on the GPU in its stored format.
+//!
+//! Q8_0/Q4_0/Q4_1 keep their GGUF block bytes (packed into u32 words, so
+//! kernels decode them exactly as `tensor::dequantize` does); F32 stays F32;
+//! F16/BF16 are widened to F32 on upload for now (kernels for them can come
+//! later). A storage binding may hold at most `max_storage_buffer_binding_size`
+//! bytes (128 MiB on lavapipe, often 2-4 GiB on GPUs), so a large matrix is
+//! split by rows into chunks, each its own buffer; kernels dispatch once per
+//! chunk.
+
+use crate::error::{Error, Result};
+use crate::gpu::context::GpuContext;
+use crate::tensor::{DType, QTensor, dequantize};
+
+/// Chunks hold a multiple of this many rows: the matmul kernel's workgroup
+/// covers this many rows, so no workgroup straddles two chunks.
+pub const ROW_TILE: usize = 64;
+
+/// Bytes added after a chunk's rows: decoders read the word after a field
+/// (see `dequant_common.wgsl`), which must exist even for the last block.
+const SPARE_BYTES: usize = 4;
+
+/// Consecutive rows `[row0, row0 + rows)` of a matrix in one buffer.
+#[derive(Debug)]
+pub struct WeightChunk {
+    pub(crate) buffer: wgpu::Buffer,
+    pub row0: usize,
+    pub rows: usize,
+}
+
+#[derive(Debug)]
+pub struct GpuMatrix {
+    pub name: String,
+    /// Rows (out features); all leading dimensions of the tensor flattened.
+    pub rows: usize,
+    /// Columns (in features): the contiguous dimension.
+    pub cols: usize,
+    /// Format of the bytes on the GPU: the stored format, except that
+    /// F16/BF16 tensors are held as F32.
+    pub dtype: DType,
+    /// Bytes per row on the GPU.
+    pub row_bytes: usize,
+    pub(crate) chunks: Vec<WeightChunk>,
+}
+
+impl GpuMatrix {
+    /// Uploads `t`, split into chunks that each fit one storage binding.
+    pub fn upload(ctx: &GpuContext, t: &QTensor) -> Result<GpuMatrix> {
+        Self::upload_with_chunk_limit(ctx, t, ctx.max_binding_bytes())
+    }
+
+    /// Uploads `t` in chunks of at most `max_chunk_bytes` bytes (capped at the
+    /// device's binding limit). Tests use a tiny limit to exercise splitting.
+    pub fn upload_with_chunk_limit(ctx: &GpuContext, t: &QTensor, max_chunk_bytes: u64) -> Result<GpuMatrix> {
+        let (rows, cols) = (t.rows(), t.cols());
+        if rows == 0 || cols == 0 {
+            return Err(Error::InvalidArgument(format!("GpuMatrix `{}`: empty shape {:?}", t.name, t.shape)));
+        }
+        let dtype = match t.dtype {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        };
+        if dtype.is_quantized() && !cols.is_multiple_of(dtype.block().0) {
+            return Err(Error::InvalidArgument(format!(
+                "GpuMatrix `{}`: {} rows of {cols} values are not whole blocks of 32",
+                t.name, dtype
+            )));
+        }
+        let row_bytes = dtype.bytes_for(cols);
+        let limit = max_chunk_bytes.min(ctx.max_binding_bytes()) as usize;
+        let fit = limit.saturating_sub(SPARE_BYTES + 3) / row_bytes;
+        let rows_per_chunk = if fit >= rows { rows } else { fit / ROW_TILE * ROW_TILE };
+        if rows_per_chunk == 0 {
+            return Err(Error::Gpu(format!(
+                "GpuMatrix `{}`: {ROW_TILE} rows of {row_bytes} bytes do not fit one storage binding of {limit} bytes",
+                t.name
+            )));
+        }
+        // Row offsets inside a chunk are u32 in the shaders.
+        let chunk_bytes = rows_per_chunk * row_bytes + SPARE_BYTES;
+        if chunk_bytes > u32::MAX as usize {
+            return Err(Error::Gpu(format!("GpuMatrix `{}`: a chunk of {chunk_bytes} bytes is too big", t.name)));
+        }
+
+        let mut chunks = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
+        let mut row0 = 0;
+        while row0 < rows {
+            let n = rows_per_chunk.min(rows - row0);
+            let label = format!("{} rows {row0}..{} ({dtype})", t.name, row0 + n);
+            let mut bytes = if dtype == t.dtype {
+                let src_row_bytes = t.dtype.bytes_for(cols);
+                let mut v = Vec::with_capacity(n * row_bytes + SPARE_BYTES);
+                v.extend_from_slice(&t.bytes()[row0 * src_row_bytes..(row0 + n) * src_row_bytes]);
+                v
+            } else {
+                // F16/BF16 widened to F32.
+                let src_row_bytes = t.dtype.bytes_for(cols);
+                let mut f = vec![0f32; n * cols];
+                dequantize(t.dtype, &t.bytes()[row0 * src_row_bytes..(row0 + n) * src_row_bytes], &mut f);
+                bytemuck::cast_slice(&f).to_vec()
+            };
+            bytes.resize(n * row_bytes + SPARE_BYTES, 0);
+            let buffer = ctx.upload_bytes(&label, &bytes)?;
+            chunks.push(WeightChunk { buffer, row0, rows: n });
+            row0 += n;
+        }
+        Ok(GpuMatrix { name: t.name.clone(), rows, cols, dtype, row_bytes, chunks })
+    }
+
+    /// `(first row, rows)` of each chunk.
+    pub fn chunk_rows(&self) -> Vec<(usize, usize)> {
+        self.chunks.iter().map(|c| (c.row0, c.rows)).collect()
+    }
+
+    /// Bytes of weight data on the GPU (without padding): what one matmul reads.
+    pub fn data_bytes(&self) -> u64 {
+        (self.rows * self.row_bytes) as u64
+    }
+
+    /// The shader file that decodes this matrix's format.
+    pub(crate) fn dequant_shader(&self) -> Result<&'static str> {
+        match self.dtype {
+            DType::F32 => Ok("dequant_f32.wgsl"),
+            DType::Q8_0 => Ok("dequant_q8_0.wgsl"),
+            DType::Q4_0 => Ok("dequant_q4_0.wgsl"),
+            DType::Q4_1 => Ok("dequant_q4_1.wgsl"),
+            d => Err(Error::Gpu(format!("GpuMatrix `{}`: no GPU decoder for {d}", self.name))),
+        }
+    }
+}

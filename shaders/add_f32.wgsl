@@ -1,0 +1,30 @@
+// add_f32.wgsl — residual add, in place: x += y.
+//
+// Bindings (group 0):
+//   0 uniform    p  Params (below)
+//   1 storage rw x  array<f32>: (T, C)
+//   2 storage r  y  array<f32>: (T, C)
+//
+// Workgroup: (256, 1, 1); one invocation per element,
+//   i = (wid.x + wid.y * groups_x) * 256 + lid.x.
+// Grid: (min(G, 65535), ceil(G / 65535), 1) with G = ceil(n / 256).
+
+struct Params {
+    n: u32,
+    groups_x: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> x: array<f32>;
+@group(0) @binding(2) var<storage, read> y: array<f32>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wid.x + wid.y * p.groups_x) * 256u + lid.x;
+    if i >= p.n {
+        return;
+    }
+    x[i] = x[i] + y[i];
+}
