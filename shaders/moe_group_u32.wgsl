@@ -14,7 +14,7 @@
 //                                  outputs in expert-index order like the CPU
 //                                  reference (and transformers' expert loop);
 //   order_w[t * K + r]             the routing weight that goes with it.
-//   active[0]                      the number of experts with at least one token.
+//   n_active[0]                    the number of experts with at least one token.
 // The result does not depend on scheduling: every list is built by one
 // invocation scanning the assignments in order.
 //
@@ -26,7 +26,7 @@
 //   4 storage rw list     array<u32>: (T * K)
 //   5 storage rw order    array<u32>: (T, K)
 //   6 storage rw order_w  array<f32>: (T, K)
-//   7 storage rw active   array<u32>: (1)
+//   7 storage rw n_active array<u32>: (1)
 //
 // Workgroup: (256, 1, 1), and the grid is a single workgroup (1, 1, 1): the
 //   phases are separated by barriers, which only synchronise one workgroup.
@@ -48,7 +48,7 @@ const WG: u32 = 256u;
 @group(0) @binding(4) var<storage, read_write> list: array<u32>;
 @group(0) @binding(5) var<storage, read_write> order: array<u32>;
 @group(0) @binding(6) var<storage, read_write> order_w: array<f32>;
-@group(0) @binding(7) var<storage, read_write> active: array<u32>;
+@group(0) @binding(7) var<storage, read_write> n_active: array<u32>;
 
 // Grouped position of each assignment, filled in phase 3, read in phase 4.
 // Held in `order` itself until phase 4 rewrites it in expert order; phase 4
@@ -78,7 +78,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
             run += c;
             offsets[e + 1u] = run;
         }
-        active[0] = act;
+        n_active[0] = act;
     }
     storageBarrier();
     workgroupBarrier();

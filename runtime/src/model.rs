@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use crate::config::{ModelConfig, RopeStyle, Routing};
 use crate::error::{Error, Result};
 use crate::linear::{QLinear, dot};
-use crate::tensor::QTensor;
+use crate::tensor::{DType, QTensor, quantize};
 
 /// SwiGLU MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
 #[derive(Debug)]
@@ -295,6 +295,54 @@ impl Model {
             }
         }
         out
+    }
+}
+
+impl Model {
+    /// Re-stores every weight matrix in `dtype` (quantising, or widening to
+    /// F32), as loading a safetensors checkpoint with `--quant` does. Routers
+    /// and the shared-expert gate stay as they are: they are tiny, and routing
+    /// decisions are sensitive to their precision (the GGUF exporter keeps
+    /// them in F32 too). Matrices whose rows are not whole blocks of `dtype`
+    /// stay as they are. A tied LM head stays tied to the embedding.
+    pub fn requantize(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1) {
+            return Err(Error::InvalidArgument(format!("cannot re-store weights as {dtype}")));
+        }
+        let conv = |t: &mut QTensor| {
+            if t.dtype != dtype && t.cols().is_multiple_of(dtype.block().0) {
+                let vals = t.to_f32();
+                *t = QTensor::from_bytes(t.name.clone(), dtype, t.shape.clone(), quantize(dtype, &vals));
+            }
+        };
+        let conv_mlp = |m: &mut Mlp| {
+            for l in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+                conv(&mut l.weight);
+            }
+        };
+        let tied = std::ptr::eq(self.lm_head.weight.bytes().as_ptr(), self.embed_tokens.bytes().as_ptr());
+        conv(&mut self.embed_tokens);
+        if tied {
+            self.lm_head.weight = self.embed_tokens.clone();
+        } else {
+            conv(&mut self.lm_head.weight);
+        }
+        for layer in &mut self.layers {
+            let a = &mut layer.self_attn;
+            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+                conv(&mut l.weight);
+            }
+            match &mut layer.ffn {
+                Ffn::Dense(m) => conv_mlp(m),
+                Ffn::Moe(moe) => {
+                    moe.experts.iter_mut().for_each(conv_mlp);
+                    if let Some((m, _gate)) = &mut moe.shared_expert {
+                        conv_mlp(m);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -29,9 +29,12 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attention;
 pub mod bench;
 pub mod context;
+pub mod engine;
 pub mod kernels;
+pub mod moe;
 pub mod pipelines;
 pub mod weights;
 
@@ -39,6 +42,7 @@ pub mod weights;
 mod tests;
 
 pub use bench::{bench_cpu_matmul, bench_matmul};
+pub use engine::{GpuModel, GpuSequence, KV_PAGE, StepStats};
 pub use context::{Elem, GpuContext, GpuEncoder, GpuFeatures, GpuOptions, GpuTensor};
 pub use kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
 pub use pipelines::{DefineValue, ShaderSpec};

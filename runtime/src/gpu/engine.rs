@@ -1,0 +1,689 @@
+//! `GpuModel`: the whole forward pass on the GPU, for a batch of sequences
+//! of different lengths, with a paged KV cache that grows with use.
+//!
+//! It mirrors `model::Model::forward` step by step (same inputs, same
+//! validation, same outputs), so the CPU reference is its oracle:
+//!
+//! ```text
+//! x = embed_rows(embed_tokens, ids)                               # (T, C)
+//! for each layer:
+//!     h = rms_norm(x);  q, k, v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ (+ bias)
+//!     q, k = rope(qk_norm(q)), rope(qk_norm(k));  kv_append(k, v)
+//!     x += attention(q, cache) · Woᵀ
+//!     h = rms_norm(x)
+//!     dense:  x += down(silu(gate(h)) * up(h))
+//!     MoE:    logits = h·Wrᵀ; ids, weights = route_topk(logits)   # the routing buffer
+//!             [a selection policy may rewrite ids, weights here]
+//!             group_by_expert; y = down_e(silu(gate_e(h)) * up_e(h)) per active expert
+//!             x += Σ weights · y (+ sigmoid(gate_s(h)) · shared(h))
+//! logits = rms_norm(x[last rows]) · lm_headᵀ
+//! ```
+//!
+//! A call's tokens are processed in steps of at most `max_step_tokens`
+//! tokens (chunked prefill): a long prompt is split, its later chunks
+//! attending to the earlier ones through the cache, so scratch memory is
+//! bounded whatever the prompt length.
+//!
+//! The KV cache of every layer is a pool of pages of [`KV_PAGE`] tokens
+//! shared by all sequences; a [`GpuSequence`] owns a list of pages. The pool
+//! doubles when it runs out (copying the old pages on the GPU), a sequence's
+//! pages return to the pool when it is dropped, and the pool shrinks back to
+//! its initial size once no sequence holds pages.
+
+use std::sync::{Arc, Mutex};
+
+use crate::config::{ModelConfig, QkNorm};
+use crate::error::{Error, Result};
+use crate::gpu::attention::{AttentionShape, attention, clamp, gather_rows, kv_append};
+use crate::gpu::context::{GpuContext, GpuEncoder, GpuTensor};
+use crate::gpu::kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
+use crate::gpu::moe::{
+    GpuExperts, Grouping, MoeInput, Routing, group_by_expert, moe_combine, moe_matmul, route_topk,
+};
+use crate::gpu::weights::GpuMatrix;
+use crate::linear::QLinear;
+use crate::model::{Ffn, Logits, Mlp, Model};
+
+/// Tokens per KV-cache page.
+pub const KV_PAGE: usize = 16;
+/// Pages in a fresh pool (per layer, for keys and for values each).
+const INITIAL_PAGES: usize = 64;
+/// Default step size for chunked prefill.
+pub const DEFAULT_STEP_TOKENS: usize = 256;
+
+/// A linear layer on the GPU: weight in its stored format, optional f32 bias.
+#[derive(Debug)]
+pub struct GpuLinear {
+    pub w: GpuMatrix,
+    pub bias: Option<GpuTensor>,
+}
+
+impl GpuLinear {
+    fn upload(ctx: &GpuContext, l: &QLinear) -> Result<GpuLinear> {
+        let w = GpuMatrix::upload(ctx, &l.weight)?;
+        let bias = match &l.bias {
+            Some(b) => Some(ctx.upload_f32(&format!("{} bias", l.weight.name), b, &[b.len()])?),
+            None => None,
+        };
+        Ok(GpuLinear { w, bias })
+    }
+
+    fn forward(&self, ctx: &GpuContext, enc: &mut GpuEncoder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+        matmul_nt(ctx, enc, x, &self.w, self.bias.as_ref(), y)
+    }
+}
+
+#[derive(Debug)]
+struct GpuMlp {
+    gate_proj: GpuLinear,
+    up_proj: GpuLinear,
+    down_proj: GpuLinear,
+}
+
+impl GpuMlp {
+    fn upload(ctx: &GpuContext, m: &Mlp) -> Result<GpuMlp> {
+        Ok(GpuMlp {
+            gate_proj: GpuLinear::upload(ctx, &m.gate_proj)?,
+            up_proj: GpuLinear::upload(ctx, &m.up_proj)?,
+            down_proj: GpuLinear::upload(ctx, &m.down_proj)?,
+        })
+    }
+
+    /// `out = down(silu(gate(h)) * up(h))` for h (T, C).
+    fn forward(&self, ctx: &GpuContext, enc: &mut GpuEncoder, h: &GpuTensor, out: &GpuTensor) -> Result<()> {
+        let t = h.shape[0];
+        let i = self.gate_proj.w.rows;
+        let g = ctx.zeros_f32("mlp gate", &[t, i])?;
+        let u = ctx.zeros_f32("mlp up", &[t, i])?;
+        self.gate_proj.forward(ctx, enc, h, &g)?;
+        self.up_proj.forward(ctx, enc, h, &u)?;
+        let a = ctx.zeros_f32("mlp act", &[t, i])?;
+        silu_mul(ctx, enc, &g, &u, &a)?;
+        self.down_proj.forward(ctx, enc, &a, out)
+    }
+}
+
+#[derive(Debug)]
+struct GpuMoe {
+    /// Router (E, C), kept in f32 by the exporters.
+    router: GpuLinear,
+    gate_proj: GpuExperts,
+    up_proj: GpuExperts,
+    down_proj: GpuExperts,
+    shared: Option<(GpuMlp, GpuLinear)>,
+}
+
+#[derive(Debug)]
+enum GpuFfn {
+    Dense(GpuMlp),
+    Moe(GpuMoe),
+}
+
+#[derive(Debug)]
+struct GpuLayer {
+    input_layernorm: GpuTensor,
+    q_proj: GpuLinear,
+    k_proj: GpuLinear,
+    v_proj: GpuLinear,
+    o_proj: GpuLinear,
+    q_norm: Option<GpuTensor>,
+    k_norm: Option<GpuTensor>,
+    post_attention_layernorm: GpuTensor,
+    ffn: GpuFfn,
+}
+
+/// Free pages of the KV pool. Shared with every [`GpuSequence`], which gives
+/// its pages back when dropped.
+#[derive(Debug, Default)]
+struct PageAllocator {
+    capacity: usize,
+    free: Vec<u32>,
+}
+
+/// Per-layer key and value pools, each (capacity * KV_PAGE, Hkv * D).
+struct KvPool {
+    layers: Vec<(GpuTensor, GpuTensor)>,
+}
+
+/// A sequence's GPU state: its length and KV pages. Dropping it frees its pages.
+pub struct GpuSequence {
+    len: usize,
+    pages: Vec<u32>,
+    alloc: Arc<Mutex<PageAllocator>>,
+}
+
+impl GpuSequence {
+    /// Tokens already in this sequence's KV cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for GpuSequence {
+    fn drop(&mut self) {
+        // A poisoned lock means another thread panicked mid-update; the free
+        // list is still a list of page ids, so returning ours is safe.
+        let mut a = match self.alloc.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        a.free.append(&mut self.pages);
+    }
+}
+
+/// Per-step counters, for benchmarks and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepStats {
+    pub steps: usize,
+    pub tokens: usize,
+    pub dispatches: u64,
+}
+
+pub struct GpuModel {
+    pub ctx: Arc<GpuContext>,
+    pub config: ModelConfig,
+    embed: GpuMatrix,
+    /// None when the head is tied to the embedding (the same GPU matrix).
+    lm_head: Option<GpuMatrix>,
+    norm: GpuTensor,
+    layers: Vec<GpuLayer>,
+    alloc: Arc<Mutex<PageAllocator>>,
+    kv: Mutex<KvPool>,
+    /// The most tokens one step (one pass through the layers) processes.
+    pub max_step_tokens: usize,
+    stats: Mutex<StepStats>,
+}
+
+impl std::fmt::Debug for GpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuModel({:?}, {} layers)", self.config.arch, self.layers.len())
+    }
+}
+
+fn vec_tensor(ctx: &GpuContext, label: &str, v: &[f32]) -> Result<GpuTensor> {
+    ctx.upload_f32(label, v, &[v.len()])
+}
+
+impl GpuModel {
+    /// Uploads `model`'s weights in their stored formats (F16/BF16 widened
+    /// to F32). `progress(done, total)` is called after each layer.
+    pub fn upload(ctx: Arc<GpuContext>, model: &Model, mut progress: impl FnMut(usize, usize)) -> Result<GpuModel> {
+        let cfg = model.config.clone();
+        let c = &ctx;
+        let embed = GpuMatrix::upload(c, &model.embed_tokens)?;
+        let tied = model.lm_head.weight.dtype == model.embed_tokens.dtype
+            && model.lm_head.weight.shape == model.embed_tokens.shape
+            && std::ptr::eq(model.lm_head.weight.bytes().as_ptr(), model.embed_tokens.bytes().as_ptr());
+        let lm_head = if tied { None } else { Some(GpuMatrix::upload(c, &model.lm_head.weight)?) };
+        if model.lm_head.bias.is_some() {
+            return Err(Error::Gpu("an lm_head bias is not supported on the GPU".into()));
+        }
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for (l, layer) in model.layers.iter().enumerate() {
+            let a = &layer.self_attn;
+            let ffn = match &layer.ffn {
+                Ffn::Dense(m) => GpuFfn::Dense(GpuMlp::upload(c, m)?),
+                Ffn::Moe(moe) => {
+                    let pick = |f: fn(&Mlp) -> &QLinear| moe.experts.iter().map(|e| &f(e).weight).collect::<Vec<_>>();
+                    if moe.experts.iter().any(|e| e.gate_proj.bias.is_some() || e.down_proj.bias.is_some()) {
+                        return Err(Error::Gpu(format!("layer {l}: expert biases are not supported on the GPU")));
+                    }
+                    let shared = match &moe.shared_expert {
+                        Some((m, g)) => Some((GpuMlp::upload(c, m)?, GpuLinear::upload(c, g)?)),
+                        None => None,
+                    };
+                    GpuFfn::Moe(GpuMoe {
+                        router: GpuLinear::upload(c, &moe.gate)?,
+                        gate_proj: GpuExperts::upload(c, &format!("layers.{l}.experts.gate_proj"), &pick(|m| &m.gate_proj))?,
+                        up_proj: GpuExperts::upload(c, &format!("layers.{l}.experts.up_proj"), &pick(|m| &m.up_proj))?,
+                        down_proj: GpuExperts::upload(c, &format!("layers.{l}.experts.down_proj"), &pick(|m| &m.down_proj))?,
+                        shared,
+                    })
+                }
+            };
+            layers.push(GpuLayer {
+                input_layernorm: vec_tensor(c, &format!("layers.{l}.input_layernorm"), &layer.input_layernorm)?,
+                q_proj: GpuLinear::upload(c, &a.q_proj)?,
+                k_proj: GpuLinear::upload(c, &a.k_proj)?,
+                v_proj: GpuLinear::upload(c, &a.v_proj)?,
+                o_proj: GpuLinear::upload(c, &a.o_proj)?,
+                q_norm: a.q_norm.as_ref().map(|w| vec_tensor(c, &format!("layers.{l}.q_norm"), w)).transpose()?,
+                k_norm: a.k_norm.as_ref().map(|w| vec_tensor(c, &format!("layers.{l}.k_norm"), w)).transpose()?,
+                post_attention_layernorm: vec_tensor(
+                    c,
+                    &format!("layers.{l}.post_attention_layernorm"),
+                    &layer.post_attention_layernorm,
+                )?,
+                ffn,
+            });
+            progress(l + 1, model.layers.len());
+        }
+        let norm = vec_tensor(c, "norm", &model.norm)?;
+        let kv = Self::new_pool(c, &cfg, INITIAL_PAGES)?;
+        let alloc = PageAllocator { capacity: INITIAL_PAGES, free: (0..INITIAL_PAGES as u32).rev().collect() };
+        ctx.wait()?;
+        Ok(GpuModel {
+            ctx,
+            config: cfg,
+            embed,
+            lm_head,
+            norm,
+            layers,
+            alloc: Arc::new(Mutex::new(alloc)),
+            kv: Mutex::new(kv),
+            max_step_tokens: DEFAULT_STEP_TOKENS,
+            stats: Mutex::new(StepStats::default()),
+        })
+    }
+
+    fn new_pool(ctx: &GpuContext, cfg: &ModelConfig, pages: usize) -> Result<KvPool> {
+        let width = cfg.num_kv_heads * cfg.head_dim;
+        let rows = pages * KV_PAGE;
+        let bytes = (rows * width * 4) as u64;
+        if bytes > ctx.max_binding_bytes() {
+            return Err(Error::Gpu(format!(
+                "the KV cache needs {pages} pages ({} MiB per layer for keys), more than one storage binding \
+                 of this device holds ({} MiB); use fewer or shorter sequences",
+                bytes >> 20,
+                ctx.max_binding_bytes() >> 20
+            )));
+        }
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            layers.push((
+                ctx.zeros_f32(&format!("layers.{l} key cache ({pages} pages)"), &[rows, width])?,
+                ctx.zeros_f32(&format!("layers.{l} value cache ({pages} pages)"), &[rows, width])?,
+            ));
+        }
+        Ok(KvPool { layers })
+    }
+
+    /// Bytes of KV cache currently allocated on the GPU (all layers).
+    pub fn kv_cache_bytes(&self) -> u64 {
+        self.kv.lock().map_or(0, |kv| {
+            kv.layers.iter().map(|(k, v)| k.data_bytes() + v.data_bytes()).sum()
+        })
+    }
+
+    /// Bytes of weights on the GPU.
+    pub fn weight_bytes(&self) -> u64 {
+        let lin = |l: &GpuLinear| l.w.data_bytes();
+        let mlp = |m: &GpuMlp| lin(&m.gate_proj) + lin(&m.up_proj) + lin(&m.down_proj);
+        let mut total = self.embed.data_bytes() + self.lm_head.as_ref().map_or(0, |h| h.data_bytes());
+        for l in &self.layers {
+            total += lin(&l.q_proj) + lin(&l.k_proj) + lin(&l.v_proj) + lin(&l.o_proj);
+            total += match &l.ffn {
+                GpuFfn::Dense(m) => mlp(m),
+                GpuFfn::Moe(m) => {
+                    lin(&m.router)
+                        + (m.gate_proj.expert_bytes() + m.up_proj.expert_bytes() + m.down_proj.expert_bytes())
+                            * m.gate_proj.experts as u64
+                        + m.shared.as_ref().map_or(0, |(s, g)| mlp(s) + lin(g))
+                }
+            };
+        }
+        total
+    }
+
+    /// Per MoE layer: bytes of one expert's three matrices (what a step
+    /// reads per active expert), in layer order; `None` for dense layers.
+    pub fn expert_bytes_per_layer(&self) -> Vec<Option<u64>> {
+        self.layers
+            .iter()
+            .map(|l| match &l.ffn {
+                GpuFfn::Dense(_) => None,
+                GpuFfn::Moe(m) => {
+                    Some(m.gate_proj.expert_bytes() + m.up_proj.expert_bytes() + m.down_proj.expert_bytes())
+                }
+            })
+            .collect()
+    }
+
+    /// Bytes a decode step reads regardless of routing: attention, dense
+    /// MLPs, routers, shared experts, norms, and the LM head.
+    pub fn dense_bytes_per_step(&self) -> u64 {
+        let lin = |l: &GpuLinear| l.w.data_bytes();
+        let mlp = |m: &GpuMlp| lin(&m.gate_proj) + lin(&m.up_proj) + lin(&m.down_proj);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).data_bytes();
+        let mut total = head;
+        for l in &self.layers {
+            total += lin(&l.q_proj) + lin(&l.k_proj) + lin(&l.v_proj) + lin(&l.o_proj);
+            total += match &l.ffn {
+                GpuFfn::Dense(m) => mlp(m),
+                GpuFfn::Moe(m) => lin(&m.router) + m.shared.as_ref().map_or(0, |(s, g)| mlp(s) + lin(g)),
+            };
+        }
+        total
+    }
+
+    pub fn stats(&self) -> StepStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// A fresh sequence with an empty KV cache.
+    pub fn new_sequence(&self) -> GpuSequence {
+        GpuSequence { len: 0, pages: Vec::new(), alloc: self.alloc.clone() }
+    }
+
+    /// Runs the new tokens of several sequences through the model, appending
+    /// them to each sequence's KV cache, and returns one logits vector per
+    /// sequence, as `Model::forward` does. Inputs are validated before any
+    /// cache is touched.
+    pub fn forward(&self, batch: &mut [(&mut GpuSequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.config;
+        for (seq, tokens) in batch.iter() {
+            if tokens.is_empty() {
+                return Err(Error::InvalidArgument("forward: a sequence has no new tokens".into()));
+            }
+            if !Arc::ptr_eq(&seq.alloc, &self.alloc) {
+                return Err(Error::InvalidArgument("forward: sequence belongs to another model".into()));
+            }
+            let requested = seq.len + tokens.len();
+            if requested > cfg.max_position_embeddings {
+                return Err(Error::ContextOverflow { requested, limit: cfg.max_position_embeddings });
+            }
+            if let Some(&id) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                return Err(Error::TokenOutOfRange { id, vocab: cfg.vocab_size });
+            }
+        }
+        if self.max_step_tokens == 0 {
+            return Err(Error::InvalidArgument("max_step_tokens must be at least 1".into()));
+        }
+
+        // Plan the steps: consecutive pieces of each sequence's tokens, at
+        // most max_step_tokens per step.
+        let mut steps: Vec<Vec<(usize, std::ops::Range<usize>)>> = Vec::new();
+        let mut cur: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut room = self.max_step_tokens;
+        for (b, (_, tokens)) in batch.iter().enumerate() {
+            let mut at = 0;
+            while at < tokens.len() {
+                if room == 0 {
+                    steps.push(std::mem::take(&mut cur));
+                    room = self.max_step_tokens;
+                }
+                let n = room.min(tokens.len() - at);
+                cur.push((b, at..at + n));
+                at += n;
+                room -= n;
+            }
+        }
+        if !cur.is_empty() {
+            steps.push(cur);
+        }
+
+        let v = cfg.vocab_size;
+        let mut out: Vec<Vec<f32>> = batch
+            .iter()
+            .map(|(_, t)| Vec::with_capacity(if logits == Logits::Last { v } else { t.len() * v }))
+            .collect();
+        for step in &steps {
+            let pieces: Vec<(usize, usize, &[u32])> = step
+                .iter()
+                .map(|(b, r)| {
+                    let toks: &[u32] = batch[*b].1;
+                    (*b, batch[*b].0.len, &toks[r.clone()])
+                })
+                .collect();
+            // Rows whose logits we want, and which sequence they belong to.
+            let mut want: Vec<(usize, usize)> = Vec::new(); // (row in step, sequence)
+            let mut row = 0;
+            for (b, r) in step {
+                let n = r.len();
+                let last_piece = r.end == batch[*b].1.len();
+                match logits {
+                    Logits::Last if last_piece => want.push((row + n - 1, *b)),
+                    Logits::Last => {}
+                    Logits::All => want.extend((row..row + n).map(|i| (i, *b))),
+                }
+                row += n;
+            }
+            let rows = {
+                let mut seqs: Vec<&mut GpuSequence> = Vec::new();
+                // Each sequence appears at most once per step.
+                let mut taken = vec![false; batch.len()];
+                let mut order = Vec::new();
+                for (b, _) in step {
+                    if !taken[*b] {
+                        taken[*b] = true;
+                        order.push(*b);
+                    }
+                }
+                let mut refs: Vec<Option<&mut GpuSequence>> = batch.iter_mut().map(|(s, _)| Some(&mut **s)).collect();
+                for b in &order {
+                    if let Some(s) = refs[*b].take() {
+                        seqs.push(s);
+                    }
+                }
+                self.step(&mut seqs, &order, &pieces, &want)?
+            };
+            for ((_, b), r) in want.iter().zip(rows.chunks(v)) {
+                out[*b].extend_from_slice(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One pass through the layers for `pieces` = (sequence, its cached
+    /// length, new tokens); `seqs[i]` is sequence `order[i]`. Returns the
+    /// logits of rows `want` (row index within the step), concatenated.
+    fn step(
+        &self,
+        seqs: &mut [&mut GpuSequence],
+        order: &[usize],
+        pieces: &[(usize, usize, &[u32])],
+        want: &[(usize, usize)],
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let ctx = &*self.ctx;
+        let (c, h, hkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let t: usize = pieces.iter().map(|(_, _, p)| p.len()).sum();
+        let slot = |b: usize| order.iter().position(|&o| o == b).unwrap_or(0);
+
+        // Pages: make sure each sequence has room for its new tokens.
+        let mut need = 0;
+        for (b, len, toks) in pieces {
+            let s = &seqs[slot(*b)];
+            need += (len + toks.len()).div_ceil(KV_PAGE).saturating_sub(s.pages.len());
+        }
+        self.reserve_pages(need)?;
+        {
+            let mut a = self.alloc.lock().map_err(|_| Error::Gpu("KV page allocator lock poisoned".into()))?;
+            for (b, len, toks) in pieces {
+                let s = &mut seqs[slot(*b)];
+                while s.pages.len() < (len + toks.len()).div_ceil(KV_PAGE) {
+                    let p = a.free.pop().ok_or_else(|| Error::Gpu("KV page allocator ran dry".into()))?;
+                    s.pages.push(p);
+                }
+            }
+        }
+
+        // Per-token inputs.
+        let max_pages = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(1).max(1);
+        let mut ids = Vec::with_capacity(t);
+        let mut pos = Vec::with_capacity(t);
+        let mut tok = Vec::with_capacity(2 * t);
+        let mut dest = Vec::with_capacity(t);
+        let mut max_keys = 0;
+        for (b, len, toks) in pieces {
+            let i = slot(*b);
+            let s = &seqs[i];
+            for (j, &id) in toks.iter().enumerate() {
+                let p = len + j;
+                ids.push(id);
+                pos.push(p as u32);
+                tok.extend([i as u32, p as u32]);
+                dest.push(s.pages[p / KV_PAGE] * KV_PAGE as u32 + (p % KV_PAGE) as u32);
+                let first = cfg.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w));
+                max_keys = max_keys.max(p + 1 - first);
+            }
+        }
+        let mut table = vec![0u32; seqs.len() * max_pages];
+        for (i, s) in seqs.iter().enumerate() {
+            table[i * max_pages..i * max_pages + s.pages.len()].copy_from_slice(&s.pages);
+        }
+        let ids_t = ctx.upload_u32("step token ids", &ids, &[t])?;
+        let pos_t = ctx.upload_u32("step positions", &pos, &[t])?;
+        let tok_t = ctx.upload_u32("step (sequence, position)", &tok, &[t, 2])?;
+        let dest_t = ctx.upload_u32("step cache rows", &dest, &[t])?;
+        let pages_t = ctx.upload_u32("step page table", &table, &[seqs.len(), max_pages])?;
+
+        let kv = self.kv.lock().map_err(|_| Error::Gpu("KV pool lock poisoned".into()))?;
+        let mut enc = ctx.encoder("forward step");
+        let x = ctx.zeros_f32("x (residual stream)", &[t, c])?;
+        embed_rows(ctx, &mut enc, &self.embed, &ids_t, &x)?;
+        let hbuf = ctx.zeros_f32("h (normed)", &[t, c])?;
+        let shape = AttentionShape {
+            heads: h,
+            kv_heads: hkv,
+            head_dim: d,
+            page: KV_PAGE,
+            max_pages,
+            max_keys,
+            sliding_window: cfg.sliding_window,
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm_rows(ctx, &mut enc, &x, &layer.input_layernorm, &hbuf, c, cfg.rms_norm_eps)?;
+            let mut q = ctx.zeros_f32("q", &[t, h * d])?;
+            let mut k = ctx.zeros_f32("k", &[t, hkv * d])?;
+            let v = ctx.zeros_f32("v", &[t, hkv * d])?;
+            layer.q_proj.forward(ctx, &mut enc, &hbuf, &q)?;
+            layer.k_proj.forward(ctx, &mut enc, &hbuf, &k)?;
+            layer.v_proj.forward(ctx, &mut enc, &hbuf, &v)?;
+            // q/k norm: over the whole vector (OLMoE) or each head (Qwen3).
+            let norm_len = |heads: usize| if cfg.qk_norm == QkNorm::PerHead { d } else { heads * d };
+            if let Some(w) = &layer.q_norm {
+                let qn = ctx.zeros_f32("q normed", &[t, h * d])?;
+                rms_norm_rows(ctx, &mut enc, &q, w, &qn, norm_len(h), cfg.rms_norm_eps)?;
+                q = qn;
+            }
+            if let Some(w) = &layer.k_norm {
+                let kn = ctx.zeros_f32("k normed", &[t, hkv * d])?;
+                rms_norm_rows(ctx, &mut enc, &k, w, &kn, norm_len(hkv), cfg.rms_norm_eps)?;
+                k = kn;
+            }
+            if let Some(limit) = cfg.clip_qkv {
+                for x in [&q, &k, &v] {
+                    clamp(ctx, &mut enc, x, limit)?;
+                }
+            }
+            rope_heads(ctx, &mut enc, &q, &pos_t, h, d, cfg.rope_theta, cfg.rope_style)?;
+            rope_heads(ctx, &mut enc, &k, &pos_t, hkv, d, cfg.rope_theta, cfg.rope_style)?;
+            let (kc, vc) = &kv.layers[l];
+            kv_append(ctx, &mut enc, &k, &v, &dest_t, kc, vc)?;
+            let att = ctx.zeros_f32("attention output", &[t, h * d])?;
+            attention(ctx, &mut enc, &shape, &q, kc, vc, &tok_t, &pages_t, &att)?;
+            let o = ctx.zeros_f32("o_proj output", &[t, c])?;
+            layer.o_proj.forward(ctx, &mut enc, &att, &o)?;
+            add(ctx, &mut enc, &x, &o)?;
+
+            rms_norm_rows(ctx, &mut enc, &x, &layer.post_attention_layernorm, &hbuf, c, cfg.rms_norm_eps)?;
+            match &layer.ffn {
+                GpuFfn::Dense(mlp) => {
+                    let y = ctx.zeros_f32("mlp output", &[t, c])?;
+                    mlp.forward(ctx, &mut enc, &hbuf, &y)?;
+                    add(ctx, &mut enc, &x, &y)?;
+                }
+                GpuFfn::Moe(moe) => self.moe(ctx, &mut enc, moe, &hbuf, &x, t)?,
+            }
+        }
+
+        // Final norm and head, only on the wanted rows.
+        let r = want.len();
+        let result = if r == 0 {
+            ctx.submit(enc)?;
+            Vec::new()
+        } else {
+            let idx = ctx.upload_u32("logit rows", &want.iter().map(|(i, _)| *i as u32).collect::<Vec<_>>(), &[r])?;
+            let picked = ctx.zeros_f32("logit rows of x", &[r, c])?;
+            gather_rows(ctx, &mut enc, &x, &idx, &picked)?;
+            let normed = ctx.zeros_f32("final norm", &[r, c])?;
+            rms_norm_rows(ctx, &mut enc, &picked, &self.norm, &normed, c, cfg.rms_norm_eps)?;
+            let logits = ctx.zeros_f32("logits", &[r, cfg.vocab_size])?;
+            matmul_nt(ctx, &mut enc, &normed, self.lm_head.as_ref().unwrap_or(&self.embed), None, &logits)?;
+            let dispatches = enc.dispatches as u64;
+            ctx.submit(enc)?;
+            if let Ok(mut s) = self.stats.lock() {
+                s.dispatches += dispatches;
+            }
+            ctx.read_f32(&logits)?
+        };
+        drop(kv);
+        for (b, _, toks) in pieces {
+            seqs[slot(*b)].len += toks.len();
+        }
+        if let Ok(mut s) = self.stats.lock() {
+            s.steps += 1;
+            s.tokens += t;
+        }
+        Ok(result)
+    }
+
+    /// The routed experts (+ shared expert) of one layer, added into `x`.
+    fn moe(&self, ctx: &GpuContext, enc: &mut GpuEncoder, moe: &GpuMoe, h: &GpuTensor, x: &GpuTensor, t: usize) -> Result<()> {
+        let mc = self.config.moe.as_ref().ok_or_else(|| Error::Gpu("MoE layer without an MoE config".into()))?;
+        let (e, k, c) = (moe.gate_proj.experts, mc.top_k, self.config.hidden_size);
+        let i = moe.gate_proj.rows;
+        let routing = Routing {
+            logits: ctx.zeros_f32("router logits", &[t, e])?,
+            ids: ctx.zeros_u32("routing expert ids", &[t, k])?,
+            weights: ctx.zeros_f32("routing weights", &[t, k])?,
+        };
+        moe.router.forward(ctx, enc, h, &routing.logits)?;
+        route_topk(ctx, enc, &routing, mc.routing.renormalize || !mc.routing.softmax_then_topk)?;
+        let g = Grouping::new(ctx, t, e, k)?;
+        group_by_expert(ctx, enc, &routing, &g)?;
+        let gy = ctx.zeros_f32("experts gate", &[t * k, i])?;
+        let uy = ctx.zeros_f32("experts up", &[t * k, i])?;
+        moe_matmul(ctx, enc, &moe.gate_proj, h, MoeInput::Tokens, &g, t, k, &gy)?;
+        moe_matmul(ctx, enc, &moe.up_proj, h, MoeInput::Tokens, &g, t, k, &uy)?;
+        let act = ctx.zeros_f32("experts act", &[t * k, i])?;
+        silu_mul(ctx, enc, &gy, &uy, &act)?;
+        let dy = ctx.zeros_f32("experts down", &[t * k, c])?;
+        moe_matmul(ctx, enc, &moe.down_proj, &act, MoeInput::Grouped, &g, t, k, &dy)?;
+        match &moe.shared {
+            Some((mlp, gate)) => {
+                let s = ctx.zeros_f32("shared expert output", &[t, c])?;
+                mlp.forward(ctx, enc, h, &s)?;
+                let sg = ctx.zeros_f32("shared expert gate", &[t, 1])?;
+                gate.forward(ctx, enc, h, &sg)?;
+                moe_combine(ctx, enc, x, &dy, &g, Some((&s, &sg)))
+            }
+            None => moe_combine(ctx, enc, x, &dy, &g, None),
+        }
+    }
+
+    /// Makes sure `need` free pages exist, growing the pool (and copying the
+    /// cached keys and values) if not; shrinks an idle, grown pool first.
+    fn reserve_pages(&self, need: usize) -> Result<()> {
+        let mut a = self.alloc.lock().map_err(|_| Error::Gpu("KV page allocator lock poisoned".into()))?;
+        let mut kv = self.kv.lock().map_err(|_| Error::Gpu("KV pool lock poisoned".into()))?;
+        if a.free.len() == a.capacity && a.capacity > INITIAL_PAGES && need <= INITIAL_PAGES {
+            // No sequence holds pages: give the grown pool's memory back.
+            *kv = Self::new_pool(&self.ctx, &self.config, INITIAL_PAGES)?;
+            a.capacity = INITIAL_PAGES;
+            a.free = (0..INITIAL_PAGES as u32).rev().collect();
+        }
+        if a.free.len() >= need {
+            return Ok(());
+        }
+        let in_use = a.capacity - a.free.len();
+        let new_cap = (a.capacity * 2).max(in_use + need);
+        let new = Self::new_pool(&self.ctx, &self.config, new_cap)?;
+        let mut enc = self.ctx.encoder("grow KV cache");
+        for ((ok, ov), (nk, nv)) in kv.layers.iter().zip(&new.layers) {
+            enc.inner().copy_buffer_to_buffer(&ok.buffer, 0, &nk.buffer, 0, ok.data_bytes());
+            enc.inner().copy_buffer_to_buffer(&ov.buffer, 0, &nv.buffer, 0, ov.data_bytes());
+        }
+        self.ctx.submit(enc)?;
+        let old_cap = a.capacity;
+        a.free.extend((old_cap as u32..new_cap as u32).rev());
+        a.capacity = new_cap;
+        *kv = new;
+        Ok(())
+    }
+}
