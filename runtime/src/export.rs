@@ -32,7 +32,9 @@ pub fn write_model_gguf(lm: &LoadedModel, dtype: DType, path: &Path) -> Result<(
     let permute = cfg.rope_style == RopeStyle::NeoX;
     let d = cfg.head_dim;
     let head_perm = |heads: usize| -> Vec<usize> {
-        (0..heads * d).map(|r| (r / d) * d + if r % 2 == 0 { (r % d) / 2 } else { (r % d) / 2 + d / 2 }).collect()
+        (0..heads * d)
+            .map(|r| (r / d) * d + if r % 2 == 0 { (r % d) / 2 } else { (r % d) / 2 + d / 2 })
+            .collect()
     };
 
     let mut owned: Vec<QTensor> = Vec::new();
@@ -53,7 +55,10 @@ pub fn write_model_gguf(lm: &LoadedModel, dtype: DType, path: &Path) -> Result<(
             None => vals,
             Some(order) => {
                 let c = t.cols();
-                order.iter().flat_map(|&r| vals[r * c..(r + 1) * c].iter().copied()).collect()
+                order
+                    .iter()
+                    .flat_map(|&r| vals[r * c..(r + 1) * c].iter().copied())
+                    .collect()
             }
         };
         Ok(QTensor::from_bytes(name, dt, t.shape.clone(), quantize(dt, &vals)))
@@ -105,14 +110,23 @@ pub fn write_model_gguf(lm: &LoadedModel, dtype: DType, path: &Path) -> Result<(
     let u = |v: usize| GgufValue::U32(v as u32);
     let mut meta: Vec<(String, GgufValue)> = vec![
         ("general.architecture".into(), "llama".into()),
-        ("general.name".into(), lm.path.file_stem().map_or("model".into(), |s| s.to_string_lossy().to_string()).into()),
+        (
+            "general.name".into(),
+            lm.path
+                .file_stem()
+                .map_or("model".into(), |s| s.to_string_lossy().to_string())
+                .into(),
+        ),
         ("llama.block_count".into(), u(cfg.num_layers)),
         ("llama.context_length".into(), u(cfg.max_position_embeddings)),
         ("llama.embedding_length".into(), u(cfg.hidden_size)),
         ("llama.feed_forward_length".into(), u(cfg.intermediate_size)),
         ("llama.attention.head_count".into(), u(cfg.num_heads)),
         ("llama.attention.head_count_kv".into(), u(cfg.num_kv_heads)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), GgufValue::F32(cfg.rms_norm_eps)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            GgufValue::F32(cfg.rms_norm_eps),
+        ),
         ("llama.rope.freq_base".into(), GgufValue::F32(cfg.rope_theta)),
         ("llama.rope.dimension_count".into(), u(cfg.head_dim)),
         ("llama.vocab_size".into(), u(cfg.vocab_size)),
@@ -120,7 +134,10 @@ pub fn write_model_gguf(lm: &LoadedModel, dtype: DType, path: &Path) -> Result<(
     if let Some(moe) = &cfg.moe {
         meta.push(("llama.expert_count".into(), u(moe.num_experts)));
         meta.push(("llama.expert_used_count".into(), u(moe.top_k)));
-        meta.push(("llama.expert_feed_forward_length".into(), u(moe.expert_intermediate_size)));
+        meta.push((
+            "llama.expert_feed_forward_length".into(),
+            u(moe.expert_intermediate_size),
+        ));
     }
     if let Some(tok) = &lm.tokenizer {
         meta.extend(tok.gguf_metadata()?);
@@ -128,4 +145,3 @@ pub fn write_model_gguf(lm: &LoadedModel, dtype: DType, path: &Path) -> Result<(
     let refs: Vec<&QTensor> = owned.iter().collect();
     write_gguf(path, &meta, &refs)
 }
-

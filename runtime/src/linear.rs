@@ -34,17 +34,19 @@ impl QLinear {
         // each weight row once, and reuses it for all T inputs.
         const ROWS_PER_TASK: usize = 16;
         let mut yt = vec![0f32; n_out * t];
-        yt.par_chunks_mut(ROWS_PER_TASK * t).enumerate().for_each(|(chunk, out)| {
-            let mut w = vec![0f32; n_in];
-            for (i, y_row) in out.chunks_mut(t).enumerate() {
-                let r = chunk * ROWS_PER_TASK + i;
-                self.weight.dequantize_row(r, &mut w);
-                let b = self.bias.as_ref().map_or(0.0, |b| b[r]);
-                for (ti, y) in y_row.iter_mut().enumerate() {
-                    *y = dot(&w, &x[ti * n_in..(ti + 1) * n_in]) + b;
+        yt.par_chunks_mut(ROWS_PER_TASK * t)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let mut w = vec![0f32; n_in];
+                for (i, y_row) in out.chunks_mut(t).enumerate() {
+                    let r = chunk * ROWS_PER_TASK + i;
+                    self.weight.dequantize_row(r, &mut w);
+                    let b = self.bias.as_ref().map_or(0.0, |b| b[r]);
+                    for (ti, y) in y_row.iter_mut().enumerate() {
+                        *y = dot(&w, &x[ti * n_in..(ti + 1) * n_in]) + b;
+                    }
                 }
-            }
-        });
+            });
         let mut y = vec![0f32; t * n_out];
         for r in 0..n_out {
             for ti in 0..t {
@@ -80,18 +82,26 @@ mod tests {
     #[test]
     fn forward_matches_naive_matmul_for_each_format() {
         let (n_out, n_in, t) = (37, 64, 3);
-        let w: Vec<f32> = (0..n_out * n_in).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let w: Vec<f32> = (0..n_out * n_in)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         let x: Vec<f32> = (0..t * n_in).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
         let bias: Vec<f32> = (0..n_out).map(|i| i as f32 * 0.01).collect();
-        for dt in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        for dt in [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q4_1,
+        ] {
             let q = QTensor::from_bytes("w", dt, vec![n_out, n_in], quantize(dt, &w));
             let wd = q.to_f32();
             let lin = QLinear::new(q, Some(bias.clone()));
             let y = lin.forward(&x, t);
             for ti in 0..t {
                 for r in 0..n_out {
-                    let want: f32 =
-                        (0..n_in).map(|k| wd[r * n_in + k] * x[ti * n_in + k]).sum::<f32>() + bias[r];
+                    let want: f32 = (0..n_in).map(|k| wd[r * n_in + k] * x[ti * n_in + k]).sum::<f32>() + bias[r];
                     let got = y[ti * n_out + r];
                     assert!((got - want).abs() < 1e-4, "{dt}: y[{ti}][{r}] = {got}, want {want}");
                 }

@@ -53,11 +53,14 @@ impl SafetensorsDir {
                 format: "safetensors index JSON",
                 reason: e.to_string(),
             })?;
-            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config {
-                path: index.clone(),
-                field: "weight_map".into(),
-                reason: "missing or not an object".into(),
-            })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Config {
+                    path: index.clone(),
+                    field: "weight_map".into(),
+                    reason: "missing or not an object".into(),
+                })?;
             let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             names.sort();
             names.dedup();
@@ -71,7 +74,10 @@ impl SafetensorsDir {
                 .map_err(|e| Error::io(dir, e))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| {
-                    let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                    let name = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default();
                     name.starts_with("model-") && name.ends_with(".safetensors")
                 })
                 .collect();
@@ -94,7 +100,11 @@ impl SafetensorsDir {
             }
             files.push((path, buf));
         }
-        Ok(SafetensorsDir { dir: dir.to_path_buf(), files, entries })
+        Ok(SafetensorsDir {
+            dir: dir.to_path_buf(),
+            files,
+            entries,
+        })
     }
 }
 
@@ -108,7 +118,11 @@ fn map_file(path: &Path) -> Result<Arc<Buffer>> {
 
 /// Parses one safetensors header and checks every tensor's byte range.
 fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<HashMap<String, Entry>> {
-    let bad = |reason: String| Error::Format { path: path.to_path_buf(), format: "safetensors", reason };
+    let bad = |reason: String| Error::Format {
+        path: path.to_path_buf(),
+        format: "safetensors",
+        reason,
+    };
     let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
     let data_start = 8 + header_len;
     let mut out = HashMap::new();
@@ -122,15 +136,31 @@ fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<HashMap<String
         let (begin, end) = info.data_offsets;
         let range = data_start + begin..data_start + end;
         if range.end > bytes.len() {
-            return Err(bad(format!("tensor `{name}` ends at byte {} but the file has {}", range.end, bytes.len())));
+            return Err(bad(format!(
+                "tensor `{name}` ends at byte {} but the file has {}",
+                range.end,
+                bytes.len()
+            )));
         }
         if let Ok(dt) = dtype {
             let want = QTensor::expected_bytes(dt, &info.shape);
             if want != range.len() {
-                return Err(bad(format!("tensor `{name}` has {} bytes, its shape {:?} needs {want}", range.len(), info.shape)));
+                return Err(bad(format!(
+                    "tensor `{name}` has {} bytes, its shape {:?} needs {want}",
+                    range.len(),
+                    info.shape
+                )));
             }
         }
-        out.insert(name, Entry { file, dtype, shape: info.shape.clone(), range });
+        out.insert(
+            name,
+            Entry {
+                file,
+                dtype,
+                shape: info.shape.clone(),
+                range,
+            },
+        );
     }
     Ok(out)
 }
@@ -145,12 +175,16 @@ impl TensorSource for SafetensorsDir {
     }
 
     fn get(&self, name: &str) -> Result<QTensor> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), name: name.into() })?;
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.dir.clone(),
+            name: name.into(),
+        })?;
         let (path, buf) = &self.files[e.file];
-        let dtype = e.dtype.clone().map_err(|dtype| Error::DType { path: path.clone(), name: name.into(), dtype })?;
+        let dtype = e.dtype.clone().map_err(|dtype| Error::DType {
+            path: path.clone(),
+            name: name.into(),
+            dtype,
+        })?;
         Ok(QTensor::new(name, dtype, e.shape.clone(), buf.clone(), e.range.clone()))
     }
 

@@ -58,7 +58,11 @@ fn missing_config_field_names_the_field() {
     let dir = temp_dir("field");
     copy_fixture("mixtral", &dir);
     let cfg = fs::read_to_string(dir.join("config.json")).unwrap();
-    fs::write(dir.join("config.json"), cfg.replace("\"num_experts_per_tok\"", "\"k_renamed\"")).unwrap();
+    fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"num_experts_per_tok\"", "\"k_renamed\""),
+    )
+    .unwrap();
     let e = load_err(&dir);
     assert!(e.to_string().contains("num_experts_per_tok"), "{e}");
 }
@@ -69,7 +73,11 @@ fn wrong_shape_names_the_tensor() {
     copy_fixture("llama", &dir);
     // The checkpoint claims a larger hidden size than its tensors have.
     let cfg = fs::read_to_string(dir.join("config.json")).unwrap();
-    fs::write(dir.join("config.json"), cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96")).unwrap();
+    fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96"),
+    )
+    .unwrap();
     let e = load_err(&dir);
     assert!(matches!(e, Error::Shape { .. }), "{e:?}");
     assert!(e.to_string().contains("gate_proj"), "{e}");
@@ -85,14 +93,18 @@ fn wrong_dtype_names_the_tensor() {
     let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
     for (name, view) in tensors.iter_mut() {
         if name == "model.norm.weight" {
-            *view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, view.shape().to_vec(), view.data()).unwrap();
+            *view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, view.shape().to_vec(), view.data())
+                .unwrap();
         }
     }
     let out = safetensors::serialize(tensors, None).unwrap();
     fs::write(dir.join("model.safetensors"), out).unwrap();
     let e = load_err(&dir);
     assert!(matches!(e, Error::DType { .. }), "{e:?}");
-    assert!(e.to_string().contains("model.norm.weight") && e.to_string().contains("I32"), "{e}");
+    assert!(
+        e.to_string().contains("model.norm.weight") && e.to_string().contains("I32"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -117,13 +129,22 @@ fn prompt_longer_than_context_is_refused_before_any_work() {
     let ctx = m.model.config.max_position_embeddings;
     let mut seq = m.model.new_sequence();
     let too_long = vec![1u32; ctx + 1];
-    let e = m.model.forward(&mut [(&mut seq, &too_long[..])], Logits::Last).unwrap_err();
-    assert!(matches!(e, Error::ContextOverflow { requested, limit } if requested == ctx + 1 && limit == ctx), "{e:?}");
+    let e = m
+        .model
+        .forward(&mut [(&mut seq, &too_long[..])], Logits::Last)
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::ContextOverflow { requested, limit } if requested == ctx + 1 && limit == ctx),
+        "{e:?}"
+    );
     assert_eq!(seq.len(), 0, "a refused batch leaves the KV cache untouched");
     // Exactly the context length is fine, and one more token is not.
     let full = vec![1u32; ctx];
     m.model.forward(&mut [(&mut seq, &full[..])], Logits::Last).unwrap();
-    let e = m.model.forward(&mut [(&mut seq, &[1u32][..])], Logits::Last).unwrap_err();
+    let e = m
+        .model
+        .forward(&mut [(&mut seq, &[1u32][..])], Logits::Last)
+        .unwrap_err();
     assert!(matches!(e, Error::ContextOverflow { .. }), "{e:?}");
 }
 
@@ -132,6 +153,9 @@ fn token_outside_vocabulary_is_refused() {
     let m = load(&fixtures_dir().join("llama")).unwrap();
     let v = m.model.config.vocab_size as u32;
     let mut seq = m.model.new_sequence();
-    let e = m.model.forward(&mut [(&mut seq, &[0, v][..])], Logits::Last).unwrap_err();
+    let e = m
+        .model
+        .forward(&mut [(&mut seq, &[0, v][..])], Logits::Last)
+        .unwrap_err();
     assert!(matches!(e, Error::TokenOutOfRange { id, .. } if id == v), "{e:?}");
 }

@@ -19,13 +19,22 @@ fn batched_prefill_matches_transformers_for_every_architecture() {
         let m = load(&fixtures_dir().join(fixture)).unwrap_or_else(|e| panic!("{fixture}: {e}"));
         let golden = read_golden(fixture);
         let mut seqs: Vec<_> = golden.iter().map(|_| m.model.new_sequence()).collect();
-        let mut batch: Vec<_> = seqs.iter_mut().zip(&golden).map(|(s, g)| (s, g.ids.as_slice())).collect();
+        let mut batch: Vec<_> = seqs
+            .iter_mut()
+            .zip(&golden)
+            .map(|(s, g)| (s, g.ids.as_slice()))
+            .collect();
         let out = m.model.forward(&mut batch, Logits::All).unwrap();
         for (i, (got, g)) in out.iter().zip(&golden).enumerate() {
             let (err, at) = max_abs_diff(got, &g.logits);
             let v = m.model.config.vocab_size;
             eprintln!("{fixture}: sequence {i}: max |err| = {err:.2e}");
-            assert!(err <= TOL, "{fixture} seq {i}: |err| {err} > {TOL} at position {} token {}", at / v, at % v);
+            assert!(
+                err <= TOL,
+                "{fixture} seq {i}: |err| {err} > {TOL} at position {} token {}",
+                at / v,
+                at % v
+            );
         }
     }
 }
@@ -69,7 +78,10 @@ fn incremental_decode_matches_transformers_for_every_architecture() {
             let out = m.model.forward(&mut batch, Logits::Last).unwrap();
             for (got, &(i, pos)) in out.iter().zip(&which) {
                 let (err, at) = max_abs_diff(got, &golden[i].logits[pos * v..(pos + 1) * v]);
-                assert!(err <= TOL, "{fixture} seq {i} position {pos}: |err| {err} > {TOL} at token {at}");
+                assert!(
+                    err <= TOL,
+                    "{fixture} seq {i} position {pos}: |err| {err} > {TOL} at token {at}"
+                );
                 worst = worst.max(err);
             }
             assert!(step < longest);
@@ -110,12 +122,23 @@ fn gguf_export_round_trips() {
             }
             for (i, seq) in golden.iter().enumerate() {
                 let mut s = g.model.new_sequence();
-                let got = g.model.forward(&mut [(&mut s, &seq.ids[..])], Logits::All).unwrap().remove(0);
+                let got = g
+                    .model
+                    .forward(&mut [(&mut s, &seq.ids[..])], Logits::All)
+                    .unwrap()
+                    .remove(0);
                 let (err, _) = max_abs_diff(&got, &seq.logits);
                 let e2 = nmse(&got, &seq.logits);
                 eprintln!("{fixture} as {dtype} GGUF: sequence {i}: max |err| = {err:.2e}, NMSE = {e2:.2e}");
-                let (tol, nmse_tol) = if dtype == lynx::DType::F32 { (TOL, 1e-10) } else { (f32::INFINITY, 5e-3) };
-                assert!(err <= tol && e2 <= nmse_tol, "{fixture} {dtype} seq {i}: |err| {err}, NMSE {e2}");
+                let (tol, nmse_tol) = if dtype == lynx::DType::F32 {
+                    (TOL, 1e-10)
+                } else {
+                    (f32::INFINITY, 5e-3)
+                };
+                assert!(
+                    err <= tol && e2 <= nmse_tol,
+                    "{fixture} {dtype} seq {i}: |err| {err}, NMSE {e2}"
+                );
             }
         }
     }
@@ -149,9 +172,18 @@ fn assert_close_to_quantised(a: &lynx::QTensor, b: &lynx::QTensor, dtype: lynx::
     let (x, y) = (a.to_f32(), b.to_f32());
     for (blk, (xb, yb)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let tol = if dtype == lynx::DType::F32 || b.dtype == lynx::DType::F32 { 0.0 } else { amax / 127.0 * 0.51 + 1e-3 * amax };
+        let tol = if dtype == lynx::DType::F32 || b.dtype == lynx::DType::F32 {
+            0.0
+        } else {
+            amax / 127.0 * 0.51 + 1e-3 * amax
+        };
         for (j, (p, q)) in xb.iter().zip(yb).enumerate() {
-            assert!((p - q).abs() <= tol, "{} ({dtype}): value {} is {q}, want {p}", b.name, blk * 32 + j);
+            assert!(
+                (p - q).abs() <= tol,
+                "{} ({dtype}): value {} is {q}, want {p}",
+                b.name,
+                blk * 32 + j
+            );
         }
     }
 }

@@ -40,7 +40,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         None => g
             .tensor_info("token_embd.weight")
             .map(|t| t.shape[0])
-            .ok_or_else(|| Error::MissingTensor { path: g.path.clone(), name: "token_embd.weight".into() })?,
+            .ok_or_else(|| Error::MissingTensor {
+                path: g.path.clone(),
+                name: "token_embd.weight".into(),
+            })?,
     };
     let intermediate = u("feed_forward_length")?;
     let moe = match opt("expert_count")?.filter(|&e| e > 0) {
@@ -50,7 +53,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
             top_k: u("expert_used_count")?,
             expert_intermediate_size: opt("expert_feed_forward_length")?.unwrap_or(intermediate),
             // llama.cpp's Mixtral: softmax, top-k, renormalise.
-            routing: Routing { softmax_then_topk: true, renormalize: true },
+            routing: Routing {
+                softmax_then_topk: true,
+                renormalize: true,
+            },
             shared_expert_intermediate_size: None,
             dense_layers: Vec::new(),
         }),
@@ -139,7 +145,12 @@ impl TensorSource for GgufSource<'_> {
         self.file
             .tensors
             .iter()
-            .map(|t| TensorInfo { name: t.name.clone(), dtype: t.type_name().to_string(), shape: t.shape.clone(), bytes: t.nbytes })
+            .map(|t| TensorInfo {
+                name: t.name.clone(),
+                dtype: t.type_name().to_string(),
+                shape: t.shape.clone(),
+                bytes: t.nbytes,
+            })
             .collect()
     }
 }

@@ -15,7 +15,10 @@ pub fn config(c: &HfConfig) -> Result<ModelConfig> {
         top_k: c.usize("num_experts_per_tok")?,
         // Mixtral's `intermediate_size` is the size of one expert.
         expert_intermediate_size: cfg.intermediate_size,
-        routing: Routing { softmax_then_topk: true, renormalize: true },
+        routing: Routing {
+            softmax_then_topk: true,
+            renormalize: true,
+        },
         shared_expert_intermediate_size: None,
         dense_layers: Vec::new(),
     });

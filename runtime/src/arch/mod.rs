@@ -36,7 +36,11 @@ pub struct HfConfig<'a> {
 
 impl HfConfig<'_> {
     fn err(&self, field: &str, reason: &str) -> Error {
-        Error::Config { path: self.path.to_path_buf(), field: field.into(), reason: reason.into() }
+        Error::Config {
+            path: self.path.to_path_buf(),
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     fn get(&self, field: &str) -> Option<&Value> {
@@ -84,7 +88,9 @@ impl HfConfig<'_> {
     pub fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
         match self.get(field) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.err(field, &format!("expected true or false, found {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(field, &format!("expected true or false, found {v}"))),
         }
     }
 
@@ -93,7 +99,11 @@ impl HfConfig<'_> {
             None => Ok(Vec::new()),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| self.err(field, "expected integers")))
+                .map(|v| {
+                    v.as_u64()
+                        .map(|n| n as usize)
+                        .ok_or_else(|| self.err(field, "expected integers"))
+                })
                 .collect(),
             Some(v) => Err(self.err(field, &format!("expected a list, found {v}"))),
         }
@@ -105,14 +115,19 @@ impl HfConfig<'_> {
     pub fn rope_theta(&self) -> Result<f32> {
         for key in ["rope_scaling", "rope_parameters"] {
             if let Some(kind) = self.get(key).and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
-                && kind.as_str() != Some("default") {
-                    return Err(self.err(key, &format!("rope type {kind} is not supported (only \"default\")")));
-                }
+                && kind.as_str() != Some("default")
+            {
+                return Err(self.err(key, &format!("rope type {kind} is not supported (only \"default\")")));
+            }
         }
         if let Some(t) = self.opt_f32("rope_theta")? {
             return Ok(t);
         }
-        match self.get("rope_parameters").and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()) {
+        match self
+            .get("rope_parameters")
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(|v| v.as_f64())
+        {
             Some(t) => Ok(t as f32),
             None => Err(self.err("rope_theta", "missing (also not in rope_parameters)")),
         }
@@ -156,8 +171,11 @@ impl HfConfig<'_> {
 /// Reads `config.json` and dispatches on `model_type`.
 pub fn config_from_hf(path: &Path) -> Result<ModelConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let json: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Format { path: path.to_path_buf(), format: "config.json", reason: e.to_string() })?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        format: "config.json",
+        reason: e.to_string(),
+    })?;
     let c = HfConfig { path, json: &json };
     let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
     let unsupported = |arch: &str| Error::UnsupportedArch {
@@ -186,18 +204,34 @@ pub fn build(cfg: ModelConfig, src: &dyn TensorSource) -> Result<Model> {
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
         let bias = |name: &str, n: usize| -> Result<Option<Vec<f32>>> {
-            if cfg.attention_bias { w.vector(&format!("{p}.self_attn.{name}.bias"), n).map(Some) } else { Ok(None) }
+            if cfg.attention_bias {
+                w.vector(&format!("{p}.self_attn.{name}.bias"), n).map(Some)
+            } else {
+                Ok(None)
+            }
         };
         let (qn, kn) = match cfg.qk_norm {
             QkNorm::None => (None, None),
             QkNorm::Full => (Some(qd), Some(kvd)),
             QkNorm::PerHead => (Some(d), Some(d)),
         };
-        let norm = |name: &str, n: Option<usize>| n.map(|n| w.vector(&format!("{p}.self_attn.{name}.weight"), n)).transpose();
+        let norm = |name: &str, n: Option<usize>| {
+            n.map(|n| w.vector(&format!("{p}.self_attn.{name}.weight"), n))
+                .transpose()
+        };
         let self_attn = Attention {
-            q_proj: QLinear::new(w.tensor(&format!("{p}.self_attn.q_proj.weight"), &[qd, c])?, bias("q_proj", qd)?),
-            k_proj: QLinear::new(w.tensor(&format!("{p}.self_attn.k_proj.weight"), &[kvd, c])?, bias("k_proj", kvd)?),
-            v_proj: QLinear::new(w.tensor(&format!("{p}.self_attn.v_proj.weight"), &[kvd, c])?, bias("v_proj", kvd)?),
+            q_proj: QLinear::new(
+                w.tensor(&format!("{p}.self_attn.q_proj.weight"), &[qd, c])?,
+                bias("q_proj", qd)?,
+            ),
+            k_proj: QLinear::new(
+                w.tensor(&format!("{p}.self_attn.k_proj.weight"), &[kvd, c])?,
+                bias("k_proj", kvd)?,
+            ),
+            v_proj: QLinear::new(
+                w.tensor(&format!("{p}.self_attn.v_proj.weight"), &[kvd, c])?,
+                bias("v_proj", kvd)?,
+            ),
             o_proj: QLinear::new(w.tensor(&format!("{p}.self_attn.o_proj.weight"), &[c, qd])?, None),
             q_norm: norm("q_norm", qn)?,
             k_norm: norm("k_norm", kn)?,
@@ -218,7 +252,10 @@ pub fn build(cfg: ModelConfig, src: &dyn TensorSource) -> Result<Model> {
     } else if cfg.tie_word_embeddings {
         embed_tokens.clone()
     } else {
-        return Err(Error::MissingTensor { path: src.path().to_path_buf(), name: "lm_head.weight".into() });
+        return Err(Error::MissingTensor {
+            path: src.path().to_path_buf(),
+            name: "lm_head.weight".into(),
+        });
     };
     Ok(Model {
         norm: w.vector("model.norm.weight", c)?,
@@ -241,7 +278,12 @@ impl Weights<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<crate::QTensor> {
         let t = self.src.get(name)?;
         if t.shape != shape {
-            return Err(Error::Shape { path: self.path(), name: name.into(), expected: shape.to_vec(), found: t.shape });
+            return Err(Error::Shape {
+                path: self.path(),
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: t.shape,
+            });
         }
         // Quantised rows must hold whole blocks, or rows could not be sliced.
         let (block, _) = t.dtype.block();
@@ -249,7 +291,11 @@ impl Weights<'_> {
             return Err(Error::DType {
                 path: self.path(),
                 name: name.into(),
-                dtype: format!("{} with rows of {} values (not a multiple of {block})", t.dtype, t.cols()),
+                dtype: format!(
+                    "{} with rows of {} values (not a multiple of {block})",
+                    t.dtype,
+                    t.cols()
+                ),
             });
         }
         Ok(t)
@@ -283,7 +329,9 @@ impl Weights<'_> {
         };
         let gate = self.linear(&gate_name, e_count, c)?;
         let experts = if self.src.contains(&format!("{mlp}.experts.0.gate_proj.weight")) {
-            (0..e_count).map(|e| self.mlp(&format!("{mlp}.experts.{e}"), c, i)).collect::<Result<Vec<_>>>()?
+            (0..e_count)
+                .map(|e| self.mlp(&format!("{mlp}.experts.{e}"), c, i))
+                .collect::<Result<Vec<_>>>()?
         } else if self.src.contains(&format!("{mixtral}.experts.0.w1.weight")) {
             (0..e_count)
                 .map(|e| {
@@ -295,11 +343,17 @@ impl Weights<'_> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?
-        } else if let Some(gate_up) = self.first_present(&[&format!("{mlp}.experts.gate_up_proj"), &format!("{mlp}.experts.gate_up_proj.weight")]) {
+        } else if let Some(gate_up) = self.first_present(&[
+            &format!("{mlp}.experts.gate_up_proj"),
+            &format!("{mlp}.experts.gate_up_proj.weight"),
+        ]) {
             // transformers 5: gate rows first, then up rows, per expert.
             let gu = self.tensor(&gate_up, &[e_count, 2 * i, c])?;
             let down_name = self
-                .first_present(&[&format!("{mlp}.experts.down_proj"), &format!("{mlp}.experts.down_proj.weight")])
+                .first_present(&[
+                    &format!("{mlp}.experts.down_proj"),
+                    &format!("{mlp}.experts.down_proj.weight"),
+                ])
                 .unwrap_or_else(|| format!("{mlp}.experts.down_proj"));
             let down = self.tensor(&down_name, &[e_count, c, i])?;
             (0..e_count)
@@ -328,7 +382,11 @@ impl Weights<'_> {
                 self.linear(&format!("{mlp}.shared_expert_gate.weight"), 1, c)?,
             )),
         };
-        Ok(Moe { gate, experts, shared_expert })
+        Ok(Moe {
+            gate,
+            experts,
+            shared_expert,
+        })
     }
 
     fn first_present(&self, names: &[&str]) -> Option<String> {

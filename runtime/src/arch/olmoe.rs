@@ -14,7 +14,10 @@ pub fn config(c: &HfConfig) -> Result<ModelConfig> {
         num_experts: c.usize_any(&["num_experts", "num_local_experts"])?,
         top_k: c.usize("num_experts_per_tok")?,
         expert_intermediate_size: cfg.intermediate_size,
-        routing: Routing { softmax_then_topk: true, renormalize: c.bool_or("norm_topk_prob", false)? },
+        routing: Routing {
+            softmax_then_topk: true,
+            renormalize: c.bool_or("norm_topk_prob", false)?,
+        },
         shared_expert_intermediate_size: None,
         dense_layers: Vec::new(),
     });

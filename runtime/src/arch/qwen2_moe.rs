@@ -14,7 +14,10 @@ pub fn config(c: &HfConfig) -> Result<ModelConfig> {
     if c.bool_or("use_sliding_window", false)? {
         cfg.sliding_window = c.opt_usize("sliding_window")?.filter(|&w| w > 0);
     }
-    cfg.moe = Some(super::qwen3_moe::qwen_moe(c, &cfg, c.opt_usize("shared_expert_intermediate_size")?)?);
+    cfg.moe = Some(super::qwen3_moe::qwen_moe(
+        c,
+        &cfg,
+        c.opt_usize("shared_expert_intermediate_size")?,
+    )?);
     Ok(cfg)
 }
-

@@ -21,12 +21,17 @@ pub fn config(c: &HfConfig) -> Result<ModelConfig> {
 pub(super) fn qwen_moe(c: &HfConfig, cfg: &ModelConfig, shared: Option<usize>) -> Result<MoeConfig> {
     let step = c.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
     let mlp_only = c.usize_list("mlp_only_layers")?;
-    let dense_layers = (0..cfg.num_layers).filter(|l| mlp_only.contains(l) || (l + 1) % step != 0).collect();
+    let dense_layers = (0..cfg.num_layers)
+        .filter(|l| mlp_only.contains(l) || (l + 1) % step != 0)
+        .collect();
     Ok(MoeConfig {
         num_experts: c.usize_any(&["num_experts", "num_local_experts", "n_routed_experts"])?,
         top_k: c.usize("num_experts_per_tok")?,
         expert_intermediate_size: c.usize("moe_intermediate_size")?,
-        routing: Routing { softmax_then_topk: true, renormalize: c.bool_or("norm_topk_prob", false)? },
+        routing: Routing {
+            softmax_then_topk: true,
+            renormalize: c.bool_or("norm_topk_prob", false)?,
+        },
         shared_expert_intermediate_size: shared,
         dense_layers,
     })
