@@ -5,8 +5,47 @@
 //! `Model::forward` call per token, and sequences leave the batch as they
 //! finish.
 
+use crate::config::ModelConfig;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{Error, Logits, Model, Result, Sequence, Tokenizer};
+
+/// A forward pass that generation can drive: the CPU reference
+/// ([`Model`]) or the GPU engine ([`crate::gpu::GpuModel`]). Both take a batch
+/// of sequences with their new tokens and return one logits row per
+/// sequence (or per new token), with the same validation and errors.
+pub trait Engine {
+    /// Per-sequence state (the KV cache).
+    type Seq;
+    fn config(&self) -> &ModelConfig;
+    fn new_sequence(&self) -> Self::Seq;
+    fn forward(&self, batch: &mut [(&mut Self::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>>;
+}
+
+impl Engine for Model {
+    type Seq = Sequence;
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn new_sequence(&self) -> Sequence {
+        Model::new_sequence(self)
+    }
+    fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
+        Model::forward(self, batch, logits)
+    }
+}
+
+impl Engine for crate::gpu::GpuModel {
+    type Seq = crate::gpu::GpuSequence;
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn new_sequence(&self) -> Self::Seq {
+        crate::gpu::GpuModel::new_sequence(self)
+    }
+    fn forward(&self, batch: &mut [(&mut Self::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
+        crate::gpu::GpuModel::forward(self, batch, logits)
+    }
+}
 
 /// What to generate and when to stop.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,8 +115,8 @@ pub struct Generation {
 
 /// Generates from one prompt; see `generate_batch`. The sampler is seeded
 /// with `opts.sampling.seed` itself.
-pub fn generate(
-    model: &Model,
+pub fn generate<E: Engine>(
+    model: &E,
     tok: &Tokenizer,
     prompt: &[u32],
     opts: &GenerateOptions,
@@ -106,8 +145,8 @@ pub fn generate(
 /// token in the context (`len >= max_position_embeddings`) gives
 /// `Error::ContextOverflow`, and an id outside the model's vocabulary gives
 /// `Error::TokenOutOfRange`.
-pub fn generate_batch(
-    model: &Model,
+pub fn generate_batch<E: Engine>(
+    model: &E,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
@@ -118,8 +157,8 @@ pub fn generate_batch(
         // An empty stop string would match before the first token.
         return Err(Error::InvalidArgument(format!("stop string {i} is empty")));
     }
-    let limit = model.config.max_position_embeddings;
-    let vocab = model.config.vocab_size;
+    let limit = model.config().max_position_embeddings;
+    let vocab = model.config().vocab_size;
     for (i, prompt) in prompts.iter().enumerate() {
         if prompt.is_empty() {
             return Err(Error::InvalidArgument(format!("prompt {i} is empty")));
@@ -136,7 +175,7 @@ pub fn generate_batch(
         }
     }
 
-    let mut states: Vec<SeqState> = Vec::with_capacity(prompts.len());
+    let mut states: Vec<SeqState<E::Seq>> = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.iter().enumerate() {
         let sampling = SamplingParams {
             seed: opts.sampling.seed.wrapping_add(i as u64),
@@ -155,16 +194,13 @@ pub fn generate_batch(
     }
     if opts.max_new_tokens == 0 {
         // Nothing to generate, so no reason to run the prompt either.
-        return Ok(states
-            .into_iter()
-            .map(|s| s.finish(FinishReason::Length))
-            .collect());
+        return Ok(states.into_iter().map(|s| s.finish(FinishReason::Length)).collect());
     }
 
     // Prefill every prompt in one batched forward call; only the logits of
     // each prompt's last position are needed to sample its first token.
     let mut logits = {
-        let mut batch: Vec<(&mut Sequence, &[u32])> = states
+        let mut batch: Vec<(&mut E::Seq, &[u32])> = states
             .iter_mut()
             .zip(prompts)
             .map(|(s, p)| (&mut s.seq, p.as_slice()))
@@ -211,7 +247,7 @@ pub fn generate_batch(
         }
 
         // One decode step for every unfinished sequence, as one batch.
-        let mut batch: Vec<(&mut Sequence, &[u32])> = states
+        let mut batch: Vec<(&mut E::Seq, &[u32])> = states
             .iter_mut()
             .filter(|s| s.finish.is_none())
             .map(|s| (&mut s.seq, s.last.as_slice()))
@@ -230,8 +266,8 @@ pub fn generate_batch(
 }
 
 /// Per-sequence generation state.
-struct SeqState {
-    seq: Sequence,
+struct SeqState<S> {
+    seq: S,
     sampler: Sampler,
     prompt_tokens: usize,
     tokens: Vec<u32>,
@@ -243,7 +279,7 @@ struct SeqState {
     finish: Option<FinishReason>,
 }
 
-impl SeqState {
+impl<S> SeqState<S> {
     fn finish(self, finish: FinishReason) -> Generation {
         Generation {
             prompt_tokens: self.prompt_tokens,
@@ -459,8 +495,7 @@ mod tests {
 
     #[test]
     fn stop_string_split_across_tokens_is_never_streamed() {
-        let (streamed, text, stopped) =
-            run(&["Hi", "Hi<", "Hi</", "Hi</s", "Hi</s> more"], &["</s>"]);
+        let (streamed, text, stopped) = run(&["Hi", "Hi<", "Hi</", "Hi</s", "Hi</s> more"], &["</s>"]);
         assert!(stopped);
         assert_eq!(streamed, "Hi");
         assert_eq!(text, "Hi");

@@ -7,6 +7,7 @@
 //! E experts, K experts per token (top-k), I expert intermediate size.
 
 pub mod arch;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod export;

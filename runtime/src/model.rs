@@ -109,7 +109,10 @@ pub enum Logits {
 impl Model {
     /// A fresh sequence with an empty KV cache.
     pub fn new_sequence(&self) -> Sequence {
-        Sequence { len: 0, kv: vec![(Vec::new(), Vec::new()); self.config.num_layers] }
+        Sequence {
+            len: 0,
+            kv: vec![(Vec::new(), Vec::new()); self.config.num_layers],
+        }
     }
 
     /// Runs the new tokens of several sequences (of any lengths) through the
@@ -124,14 +127,22 @@ impl Model {
                 return Err(Error::InvalidArgument("forward: a sequence has no new tokens".into()));
             }
             if seq.kv.len() != cfg.num_layers {
-                return Err(Error::InvalidArgument("forward: sequence belongs to another model".into()));
+                return Err(Error::InvalidArgument(
+                    "forward: sequence belongs to another model".into(),
+                ));
             }
             let requested = seq.len + tokens.len();
             if requested > cfg.max_position_embeddings {
-                return Err(Error::ContextOverflow { requested, limit: cfg.max_position_embeddings });
+                return Err(Error::ContextOverflow {
+                    requested,
+                    limit: cfg.max_position_embeddings,
+                });
             }
             if let Some(&id) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-                return Err(Error::TokenOutOfRange { id, vocab: cfg.vocab_size });
+                return Err(Error::TokenOutOfRange {
+                    id,
+                    vocab: cfg.vocab_size,
+                });
             }
         }
 
@@ -169,7 +180,10 @@ impl Model {
             }
             start += tokens.len();
         }
-        let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * c..(r + 1) * c].iter().copied()).collect();
+        let picked: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| x[r * c..(r + 1) * c].iter().copied())
+            .collect();
         let h = rms_norm(&picked, &self.norm, cfg.rms_norm_eps);
         let all = self.lm_head.forward(&h, rows.len());
         let v = cfg.vocab_size;
@@ -218,10 +232,20 @@ impl Model {
                 let pos = base + i;
                 let row = start + i;
                 for hh in 0..nh {
-                    rope(&mut q[(row * nh + hh) * d..(row * nh + hh + 1) * d], pos, cfg.rope_theta, cfg.rope_style);
+                    rope(
+                        &mut q[(row * nh + hh) * d..(row * nh + hh + 1) * d],
+                        pos,
+                        cfg.rope_theta,
+                        cfg.rope_style,
+                    );
                 }
                 for hh in 0..nkv {
-                    rope(&mut k[(row * nkv + hh) * d..(row * nkv + hh + 1) * d], pos, cfg.rope_theta, cfg.rope_style);
+                    rope(
+                        &mut k[(row * nkv + hh) * d..(row * nkv + hh + 1) * d],
+                        pos,
+                        cfg.rope_theta,
+                        cfg.rope_style,
+                    );
                 }
             }
             let (kc, vc) = &mut seq.kv[l];
@@ -279,7 +303,10 @@ impl Model {
             if tokens.is_empty() {
                 continue;
             }
-            let xs: Vec<f32> = tokens.iter().flat_map(|&(t, _)| h[t * c..(t + 1) * c].iter().copied()).collect();
+            let xs: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&(t, _)| h[t * c..(t + 1) * c].iter().copied())
+                .collect();
             let ys = expert.forward(&xs, tokens.len());
             for (&(t, w), y) in tokens.iter().zip(ys.chunks(c)) {
                 out[t * c..(t + 1) * c].iter_mut().zip(y).for_each(|(o, y)| *o += w * y);
@@ -291,7 +318,10 @@ impl Model {
             let g = gate.forward(h, n);
             for t in 0..n {
                 let g = sigmoid(g[t]);
-                out[t * c..(t + 1) * c].iter_mut().zip(&s[t * c..(t + 1) * c]).for_each(|(o, s)| *o += g * s);
+                out[t * c..(t + 1) * c]
+                    .iter_mut()
+                    .zip(&s[t * c..(t + 1) * c])
+                    .for_each(|(o, s)| *o += g * s);
             }
         }
         out
@@ -443,12 +473,26 @@ mod tests {
     #[test]
     fn route_softmax_topk_and_renormalise() {
         let logits = [1.0, 3.0, 2.0, 3.0];
-        let plain = route(&logits, 2, Routing { softmax_then_topk: true, renormalize: false });
+        let plain = route(
+            &logits,
+            2,
+            Routing {
+                softmax_then_topk: true,
+                renormalize: false,
+            },
+        );
         // Ties (experts 1 and 3) go to the lower index first.
         assert_eq!(plain.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 3]);
         let z: f32 = logits.iter().map(|v: &f32| v.exp()).sum();
         assert!((plain[0].1 - 3f32.exp() / z).abs() < 1e-6);
-        let renorm = route(&logits, 2, Routing { softmax_then_topk: true, renormalize: true });
+        let renorm = route(
+            &logits,
+            2,
+            Routing {
+                softmax_then_topk: true,
+                renormalize: true,
+            },
+        );
         assert!((renorm[0].1 - 0.5).abs() < 1e-6 && (renorm[1].1 - 0.5).abs() < 1e-6);
     }
 

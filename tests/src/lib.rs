@@ -12,7 +12,14 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 /// The tiny random-weight checkpoints made by `models/make_fixtures.py`.
-pub const FIXTURES: [&str; 6] = ["llama", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "qwen3_moe_stacked"];
+pub const FIXTURES: [&str; 6] = [
+    "llama",
+    "mixtral",
+    "olmoe",
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_moe_stacked",
+];
 
 /// One reference sequence: its token ids and transformers' logits, (T, V).
 pub struct GoldenSeq {
@@ -27,10 +34,16 @@ pub fn read_golden(fixture: &str) -> Vec<GoldenSeq> {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out = Vec::new();
     for i in 0.. {
-        let Ok(ids) = st.tensor(&format!("input_ids.{i}")) else { break };
+        let Ok(ids) = st.tensor(&format!("input_ids.{i}")) else {
+            break;
+        };
         let logits = st.tensor(&format!("logits.{i}")).expect("logits beside input_ids");
         out.push(GoldenSeq {
-            ids: ids.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32).collect(),
+            ids: ids
+                .data()
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
+                .collect(),
             logits: f32s(logits.data()),
         });
     }
@@ -39,7 +52,10 @@ pub fn read_golden(fixture: &str) -> Vec<GoldenSeq> {
 }
 
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 /// Largest |a - b| and its index.
@@ -73,5 +89,26 @@ pub fn copy_fixture(fixture: &str, to: &Path) {
     for entry in std::fs::read_dir(fixtures_dir().join(fixture)).expect("fixture dir") {
         let p = entry.expect("dir entry").path();
         std::fs::copy(&p, to.join(p.file_name().unwrap())).expect("copy fixture file");
+    }
+}
+
+/// The GPU context shared by a test binary's GPU tests, or `None` when
+/// `LYNX_SKIP_GPU_TESTS=1`. Without an adapter it panics with the fix
+/// (install mesa-vulkan-drivers), so a missing driver is never a silent pass.
+pub fn gpu_ctx() -> Option<std::sync::Arc<lynx::gpu::GpuContext>> {
+    use std::sync::{Arc, OnceLock};
+    if std::env::var("LYNX_SKIP_GPU_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("GPU test skipped: LYNX_SKIP_GPU_TESTS=1");
+        return None;
+    }
+    static CTX: OnceLock<Result<Arc<lynx::gpu::GpuContext>, String>> = OnceLock::new();
+    let ctx = CTX.get_or_init(|| {
+        lynx::gpu::GpuContext::new(lynx::gpu::GpuOptions::from_env())
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    });
+    match ctx {
+        Ok(c) => Some(c.clone()),
+        Err(e) => panic!("{e} (set LYNX_SKIP_GPU_TESTS=1 to skip the GPU tests)"),
     }
 }

@@ -9,26 +9,18 @@
 //! Needs a GPU adapter (CI installs lavapipe). Set LYNX_SKIP_GPU_TESTS=1 to
 //! skip on a machine without one.
 
-use std::sync::{Arc, OnceLock};
-
-use lynx::gpu::{GpuContext, GpuModel, GpuOptions};
+use lynx::gpu::GpuModel;
 use lynx::{DType, Logits, Model};
 use lynx_tests::{FIXTURES, fixtures_dir};
 
-fn ctx() -> Option<Arc<GpuContext>> {
-    if std::env::var("LYNX_SKIP_GPU_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("GPU test skipped: LYNX_SKIP_GPU_TESTS=1");
-        return None;
-    }
-    static CTX: OnceLock<Result<Arc<GpuContext>, String>> = OnceLock::new();
-    match CTX.get_or_init(|| GpuContext::new(GpuOptions::from_env()).map(Arc::new).map_err(|e| e.to_string())) {
-        Ok(c) => Some(c.clone()),
-        Err(e) => panic!("{e} (set LYNX_SKIP_GPU_TESTS=1 to skip the GPU tests)"),
-    }
+fn ctx() -> Option<std::sync::Arc<lynx::gpu::GpuContext>> {
+    lynx_tests::gpu_ctx()
 }
 
 fn load(fixture: &str, dtype: Option<DType>) -> Model {
-    let mut m = lynx::load(&fixtures_dir().join(fixture)).unwrap_or_else(|e| panic!("{fixture}: {e}")).model;
+    let mut m = lynx::load(&fixtures_dir().join(fixture))
+        .unwrap_or_else(|e| panic!("{fixture}: {e}"))
+        .model;
     if let Some(dt) = dtype {
         m.requantize(dt).unwrap();
     }
@@ -84,8 +76,18 @@ fn compare(fixture: &str, dtype: Option<DType>, step_tokens: usize) -> f32 {
     for step in 0..4u32 {
         let n = if step < 2 { 3 } else { 2 };
         let toks: Vec<[u32; 1]> = (0..n).map(|i| [(step * 5 + i as u32 * 3 + 2) % v as u32]).collect();
-        let mut cb: Vec<_> = cs.iter_mut().take(n).zip(&toks).map(|(s, t)| (s, t.as_slice())).collect();
-        let mut gb: Vec<_> = gs.iter_mut().take(n).zip(&toks).map(|(s, t)| (s, t.as_slice())).collect();
+        let mut cb: Vec<_> = cs
+            .iter_mut()
+            .take(n)
+            .zip(&toks)
+            .map(|(s, t)| (s, t.as_slice()))
+            .collect();
+        let mut gb: Vec<_> = gs
+            .iter_mut()
+            .take(n)
+            .zip(&toks)
+            .map(|(s, t)| (s, t.as_slice()))
+            .collect();
         let a = cpu.forward(&mut cb, Logits::Last).unwrap();
         let b = gpu.forward(&mut gb, Logits::Last).unwrap();
         check(&format!("decode step {step}"), &a, &b);
@@ -105,7 +107,10 @@ fn gpu_matches_cpu_on_every_fixture_and_format() {
     for fixture in FIXTURES {
         for dtype in [None, Some(DType::Q8_0), Some(DType::Q4_0), Some(DType::Q4_1)] {
             let e = compare(fixture, dtype, 256);
-            report.push(format!("{fixture} {}: {e:.2e}", dtype.map_or("f32".into(), |d| d.to_string())));
+            report.push(format!(
+                "{fixture} {}: {e:.2e}",
+                dtype.map_or("f32".into(), |d| d.to_string())
+            ));
         }
     }
     eprintln!("max |logit err| GPU vs CPU:\n  {}", report.join("\n  "));

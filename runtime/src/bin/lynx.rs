@@ -1,5 +1,6 @@
-//! The `lynx` command line: inspect a checkpoint, generate a completion, or
-//! chat interactively, all on the CPU reference forward pass for now.
+//! The `lynx` command line: inspect a checkpoint, generate a completion,
+//! chat interactively, quantize, or benchmark; on the GPU engine by default,
+//! or on the CPU reference with `--device cpu`.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, IsTerminal, Write};
@@ -12,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use lynx::config::ModelConfig;
 use lynx::generate::{GenerateOptions, Generation, generate};
+use lynx::gpu::{GpuContext, GpuModel, GpuOptions};
 use lynx::loader::{LoadedModel, ModelFormat, TensorInfo};
 use lynx::sampling::SamplingParams;
 use lynx::{ChatMessage, Tokenizer};
@@ -35,6 +37,10 @@ enum Command {
     /// Chat interactively: one user message per line on stdin; `/reset`
     /// clears the conversation, `/quit` or end of input exits.
     Chat(ChatArgs),
+    /// Measure prefill and decode throughput on the GPU for several batch
+    /// sizes, with the model bytes each decode step reads and the bandwidth
+    /// that achieves.
+    Bench(BenchArgs),
     /// Write a model as a GGUF file with its matrices quantised, so the next
     /// load is fast and small (llama and mixtral models).
     Quantize {
@@ -47,6 +53,28 @@ enum Command {
         #[arg(long, value_enum, default_value_t = QuantFormat::Q8_0)]
         to: QuantFormat,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A Hugging Face checkpoint directory or a .gguf file [default: the
+    /// default model].
+    model: Option<PathBuf>,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    batch: Vec<usize>,
+    /// Prompt tokens per sequence for the prefill measurement.
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    /// Decode steps timed per batch size.
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Re-store the weights in this format after loading.
+    #[arg(long, value_enum)]
+    quant: Option<QuantFormat>,
+    /// Also time a 4096x4096 GEMV per quant format on the GPU and on the CPU.
+    #[arg(long)]
+    kernels: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -99,9 +127,15 @@ struct RunArgs {
     /// A Hugging Face checkpoint directory or a .gguf file [default: the
     /// default model].
     model: Option<PathBuf>,
-    /// Where to run the model.
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    /// Where to run the model: the GPU engine (wgpu), or the plain CPU
+    /// reference.
+    #[arg(long, value_enum, default_value_t = Device::Gpu)]
     device: Device,
+    /// Re-store the weight matrices in this format after loading (e.g. to
+    /// run an f32/f16 safetensors checkpoint as Q8_0 or Q4_0) [default:
+    /// keep the stored format].
+    #[arg(long, value_enum)]
+    quant: Option<QuantFormat>,
     /// The most tokens to generate [default: 128 for generate, 512 per reply
     /// for chat].
     #[arg(long)]
@@ -125,11 +159,19 @@ struct RunArgs {
     stop: Vec<String>,
 }
 
-/// Compute devices. Only the CPU reference exists so far; the enum makes
-/// clap reject anything else and leaves room for a GPU engine.
+/// Compute devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Device {
+    /// The wgpu engine (Vulkan, Metal, DX12; lavapipe on machines without a GPU).
+    Gpu,
+    /// The plain-Rust f32 reference forward pass.
     Cpu,
+}
+
+/// A loaded model and the engine that runs it.
+struct Loaded {
+    lm: LoadedModel,
+    gpu: Option<GpuModel>,
 }
 
 impl RunArgs {
@@ -157,17 +199,51 @@ impl RunArgs {
     fn model_path(&self) -> anyhow::Result<PathBuf> {
         match &self.model {
             Some(p) => Ok(p.clone()),
-            None => lynx::loader::default_model_path()
-                .context("no MODEL given, and no default model could be found"),
+            None => lynx::loader::default_model_path().context("no MODEL given, and no default model could be found"),
         }
     }
 
-    /// Loads the model on the selected device.
-    fn load(&self) -> anyhow::Result<LoadedModel> {
-        match self.device {
-            Device::Cpu => load_model(&self.model_path()?),
+    /// Loads the model, re-stores its weights if asked, and uploads them to
+    /// the GPU when that is the device.
+    fn load(&self) -> anyhow::Result<Loaded> {
+        let mut lm = load_model(&self.model_path()?)?;
+        if let Some(q) = self.quant {
+            lm.model
+                .requantize(q.into())
+                .context("failed to re-store the weights")?;
         }
+        let gpu = match self.device {
+            Device::Cpu => None,
+            Device::Gpu => Some(upload_to_gpu(&lm)?),
+        };
+        Ok(Loaded { lm, gpu })
     }
+}
+
+/// Opens the GPU (reporting the adapter on stderr) and uploads the model's
+/// weights, with a progress bar when a person is watching.
+fn upload_to_gpu(lm: &LoadedModel) -> anyhow::Result<GpuModel> {
+    let ctx = GpuContext::new(GpuOptions::from_env())
+        .context("could not open a GPU; run with `--device cpu` to use the CPU reference instead")?;
+    eprintln!("[gpu: {}]", ctx.adapter_report());
+    let layers = lm.model.layers.len() as u64;
+    let bar = io::stderr().is_terminal().then(|| {
+        let pb = ProgressBar::new(layers);
+        if let Ok(style) = ProgressStyle::with_template("uploading weights {bar:30} {pos}/{len} layers ({elapsed})") {
+            pb.set_style(style);
+        }
+        pb
+    });
+    let gpu = GpuModel::upload(std::sync::Arc::new(ctx), &lm.model, |done, _| {
+        if let Some(pb) = &bar {
+            pb.set_position(done as u64);
+        }
+    })
+    .with_context(|| format!("failed to upload {} to the GPU", lm.path.display()))?;
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
+    Ok(gpu)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -177,6 +253,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate_cmd(&args),
         Command::Chat(args) => chat_cmd(&args),
         Command::Quantize { model, output, to } => quantize_cmd(&model, &output, to.into()),
+        Command::Bench(args) => bench_cmd(&args),
     }
 }
 
@@ -227,15 +304,104 @@ fn require_tokenizer<'a>(loaded: &'a LoadedModel, command: &str) -> anyhow::Resu
     })
 }
 
+// ------------------------------------------------------------------- bench
+
+fn bench_cmd(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.batch.is_empty() || args.batch.contains(&0) {
+        anyhow::bail!("--batch needs positive batch sizes");
+    }
+    if args.prompt_tokens == 0 || args.steps == 0 {
+        anyhow::bail!("--prompt-tokens and --steps must be at least 1");
+    }
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => lynx::loader::default_model_path().context("no MODEL given, and no default model could be found")?,
+    };
+    let mut lm = load_model(&path)?;
+    if let Some(q) = args.quant {
+        lm.model
+            .requantize(q.into())
+            .context("failed to re-store the weights")?;
+    }
+    let tok = require_tokenizer(&lm, "bench")?;
+    let mut gpu = upload_to_gpu(&lm)?;
+    let c = &lm.model.config;
+    println!(
+        "model:    {} ({}, {} layers)",
+        lm.path.display(),
+        c.arch.name(),
+        c.num_layers
+    );
+    if let Some(m) = &c.moe {
+        println!("experts:  E={} K={}", m.num_experts, m.top_k);
+    }
+    println!("adapter:  {}", gpu.ctx.adapter_report());
+    println!("weights on GPU: {}", human_bytes(gpu.weight_bytes()));
+    println!(
+        "prompts:  {} tokens each, windows of models/eval/heldout.txt; {} timed greedy decode steps per batch size",
+        args.prompt_tokens, args.steps
+    );
+    println!();
+    println!(
+        "{:>5} {:>12} {:>12} {:>10} {:>9} {:>14} {:>12} {:>9}",
+        "batch", "prefill t/s", "decode t/s", "step ms", "experts", "weights/step", "KV/step", "GB/s"
+    );
+    for &b in &args.batch {
+        let prompts = lynx::bench::bench_prompts(&tok, b, args.prompt_tokens)?;
+        let row = lynx::bench::bench_batch(&mut gpu, &prompts, args.steps)
+            .with_context(|| format!("benchmark at batch size {b} failed"))?;
+        println!(
+            "{:>5} {:>12.1} {:>12.1} {:>10.1} {:>9} {:>14} {:>12} {:>9.2}",
+            b,
+            row.prefill_tok_s(),
+            row.decode_tok_s(),
+            row.decode_step_s() * 1e3,
+            row.distinct_experts.map_or("-".to_string(), |d| format!("{d:.2}")),
+            human_bytes(row.weight_bytes_per_step as u64),
+            human_bytes(row.kv_bytes_per_step as u64),
+            row.decode_gb_s(),
+        );
+    }
+    let stats = gpu.stats();
+    println!();
+    if stats.peak_bytes > 0 {
+        println!(
+            "peak GPU memory (allocator, sampled per step): {}",
+            human_bytes(stats.peak_bytes)
+        );
+    } else {
+        println!("peak GPU memory: not reported by this backend");
+    }
+    println!("experts = mean distinct experts per MoE layer per decode step; GB/s = (weights + KV)/step time");
+
+    if args.kernels {
+        println!();
+        println!("GEMV 4096x4096, T=1 (weight bytes read per second):");
+        for dtype in [lynx::DType::Q8_0, lynx::DType::Q4_0] {
+            let (gs, gbw) = lynx::gpu::bench_matmul(&gpu.ctx, dtype, 4096, 4096, 1, 20)?;
+            let (cs, cbw) = lynx::gpu::bench_cpu_matmul(dtype, 4096, 4096, 1, 20);
+            println!(
+                "  {dtype:<5} GPU {:>7.3} ms {:>6.2} GB/s   CPU ({} threads) {:>7.3} ms {:>6.2} GB/s",
+                gs * 1e3,
+                gbw,
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                cs * 1e3,
+                cbw
+            );
+        }
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- generate
 
 fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<()> {
     let opts = args.run.options(128)?;
     let loaded = args.run.load()?;
-    let tok = require_tokenizer(&loaded, "generate")?;
+    let tok = require_tokenizer(&loaded.lm, "generate")?;
 
     let ids = if args.chat {
-        note_missing_chat_template(&loaded, tok);
+        note_missing_chat_template(&loaded.lm, tok);
         let messages = [ChatMessage::user(args.prompt.as_str())];
         encode_chat(tok, &messages)?
     } else {
@@ -269,22 +435,24 @@ fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> anyhow::Result<Vec<
     let text = tok
         .apply_chat_template(messages, true)
         .context("failed to apply the chat template")?;
-    tok.encode(&text, false)
-        .context("failed to tokenize the chat prompt")
+    tok.encode(&text, false).context("failed to tokenize the chat prompt")
 }
 
 /// Runs one generation, streaming its text to stdout, and returns it with
 /// the wall time of the whole call (prefill included).
 fn stream_generation(
-    loaded: &LoadedModel,
+    loaded: &Loaded,
     tok: &Tokenizer,
     ids: &[u32],
     opts: &GenerateOptions,
 ) -> anyhow::Result<(Generation, Duration)> {
     let mut out = StdoutStream::new();
     let start = Instant::now();
-    let generation = generate(&loaded.model, tok, ids, opts, |text| out.write(text))
-        .context("generation failed")?;
+    let generation = match &loaded.gpu {
+        Some(gpu) => generate(gpu, tok, ids, opts, |text| out.write(text)),
+        None => generate(&loaded.lm.model, tok, ids, opts, |text| out.write(text)),
+    }
+    .context("generation failed")?;
     let elapsed = start.elapsed();
     out.finish()?;
     Ok((generation, elapsed))
@@ -295,11 +463,7 @@ fn stream_generation(
 /// processing included, because that is the latency a user experiences.
 fn print_stats(g: &Generation, elapsed: Duration) {
     let secs = elapsed.as_secs_f64();
-    let rate = if secs > 0.0 {
-        g.tokens.len() as f64 / secs
-    } else {
-        0.0
-    };
+    let rate = if secs > 0.0 { g.tokens.len() as f64 / secs } else { 0.0 };
     eprintln!(
         "[{} prompt tokens, {} generated, {:.1} tok/s, finish: {}]",
         g.prompt_tokens,
@@ -333,10 +497,7 @@ impl StdoutStream {
         if self.error.is_some() || text.is_empty() {
             return;
         }
-        let result = self
-            .out
-            .write_all(text.as_bytes())
-            .and_then(|()| self.out.flush());
+        let result = self.out.write_all(text.as_bytes()).and_then(|()| self.out.flush());
         match result {
             Ok(()) => {
                 self.wrote = true;
@@ -364,22 +525,17 @@ impl StdoutStream {
 fn chat_cmd(args: &ChatArgs) -> anyhow::Result<()> {
     let opts = args.run.options(512)?;
     let loaded = args.run.load()?;
-    let tok = require_tokenizer(&loaded, "chat")?;
-    note_missing_chat_template(&loaded, tok);
+    let tok = require_tokenizer(&loaded.lm, "chat")?;
+    note_missing_chat_template(&loaded.lm, tok);
 
-    let fresh = || -> Vec<ChatMessage> {
-        args.system
-            .iter()
-            .map(|s| ChatMessage::system(s.as_str()))
-            .collect()
-    };
+    let fresh = || -> Vec<ChatMessage> { args.system.iter().map(|s| ChatMessage::system(s.as_str())).collect() };
     let mut messages = fresh();
     let stdin = io::stdin();
     let interactive = stdin.is_terminal();
     if interactive {
         eprintln!(
             "chatting with {}; /reset clears the conversation, /quit or Ctrl-D exits",
-            loaded.path.display()
+            loaded.lm.path.display()
         );
     }
 
@@ -390,10 +546,7 @@ fn chat_cmd(args: &ChatArgs) -> anyhow::Result<()> {
             io::stdout().flush().context("failed to write to stdout")?;
         }
         line.clear();
-        let n = stdin
-            .lock()
-            .read_line(&mut line)
-            .context("failed to read stdin")?;
+        let n = stdin.lock().read_line(&mut line).context("failed to read stdin")?;
         if n == 0 {
             break;
         }
@@ -410,8 +563,8 @@ fn chat_cmd(args: &ChatArgs) -> anyhow::Result<()> {
         messages.push(ChatMessage::user(line.trim_end_matches(['\r', '\n'])));
 
         // Each turn renders and runs the whole conversation from scratch.
-        // The CPU reference keeps its KV cache inside a `Sequence`, which
-        // `generate` creates per call; re-running the history costs prompt
+        // The engines keep a KV cache per sequence, which `generate`
+        // creates per call; re-running the history costs prompt
         // processing each turn but is simple and always matches what the
         // chat template renders (templates may rewrite earlier turns, e.g.
         // dropping reasoning), which reusing a cache would not guarantee.
@@ -463,10 +616,7 @@ fn inspect(path: &Path) -> anyhow::Result<()> {
         println!("sliding window:  {w}");
     }
     match &c.moe {
-        None => println!(
-            "experts:         dense (MLP intermediate size {})",
-            c.intermediate_size
-        ),
+        None => println!("experts:         dense (MLP intermediate size {})", c.intermediate_size),
         Some(m) => {
             println!(
                 "experts:         E={} top-k={} expert intermediate size {}",
@@ -507,10 +657,7 @@ fn inspect(path: &Path) -> anyhow::Result<()> {
     let total_bytes: u64 = loaded.tensors.iter().map(|t| t.bytes as u64).sum();
     println!("tensor bytes:    {}", human_bytes(total_bytes));
     for (dtype, count, bytes) in dtype_histogram(&loaded.tensors) {
-        println!(
-            "  {dtype:<8} {count:>6} tensors  {:>10}",
-            human_bytes(bytes)
-        );
+        println!("  {dtype:<8} {count:>6} tensors  {:>10}", human_bytes(bytes));
     }
     Ok(())
 }
@@ -530,10 +677,7 @@ fn dtype_histogram(tensors: &[TensorInfo]) -> Vec<(String, usize, u64)> {
         e.0 += 1;
         e.1 += t.bytes as u64;
     }
-    let mut rows: Vec<(String, usize, u64)> = by_dtype
-        .into_iter()
-        .map(|(d, (n, b))| (d.to_string(), n, b))
-        .collect();
+    let mut rows: Vec<(String, usize, u64)> = by_dtype.into_iter().map(|(d, (n, b))| (d.to_string(), n, b)).collect();
     rows.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
     rows
 }
@@ -577,13 +721,8 @@ fn param_counts(c: &ModelConfig) -> ParamCounts {
                 let expert = 3 * h * n(m.expert_intermediate_size);
                 let router = n(m.num_experts) * h;
                 // The shared expert and its scalar gate run for every token.
-                let always = router
-                    + m.shared_expert_intermediate_size
-                        .map_or(0, |i| 3 * h * n(i) + h);
-                (
-                    always + n(m.num_experts) * expert,
-                    always + n(m.top_k) * expert,
-                )
+                let always = router + m.shared_expert_intermediate_size.map_or(0, |i| 3 * h * n(i) + h);
+                (always + n(m.num_experts) * expert, always + n(m.top_k) * expert)
             }
             _ => (dense_mlp, dense_mlp),
         };
@@ -699,10 +838,7 @@ mod tests {
             bytes,
         };
         let rows = dtype_histogram(&[t("F32", 10), t("Q4_1", 100), t("F32", 5)]);
-        assert_eq!(
-            rows,
-            vec![("Q4_1".to_string(), 1, 100), ("F32".to_string(), 2, 15)]
-        );
+        assert_eq!(rows, vec![("Q4_1".to_string(), 1, 100), ("F32".to_string(), 2, 15)]);
     }
 
     #[test]
@@ -716,12 +852,13 @@ mod tests {
         match cli.command {
             Command::Generate(g) => {
                 assert_eq!(g.run.stop, ["a", "b"]);
-                assert_eq!(g.run.device, Device::Cpu);
+                assert_eq!(g.run.device, Device::Gpu);
                 assert_eq!(g.run.model.as_deref(), Some(Path::new("m.gguf")));
             }
             _ => panic!("expected generate"),
         }
-        assert!(Cli::try_parse_from(["lynx", "chat", "--device", "gpu"]).is_err());
+        assert!(Cli::try_parse_from(["lynx", "chat", "--device", "cpu"]).is_ok());
+        assert!(Cli::try_parse_from(["lynx", "chat", "--device", "tpu"]).is_err());
         assert!(Cli::try_parse_from(["lynx", "generate", "--prompt", "x"]).is_ok());
     }
 }

@@ -61,7 +61,12 @@ pub fn kv_append(
         ],
     )?;
     let grid = grid_2d(ctx, op, (t * width).div_ceil(ELEMENTWISE_WG))?;
-    let p = AppendParams { t: t as u32, width: width as u32, groups_x: grid[0], _pad: 0 };
+    let p = AppendParams {
+        t: t as u32,
+        width: width as u32,
+        groups_x: grid[0],
+        _pad: 0,
+    };
     let pbuf = params(ctx, "kv_append params", &p);
     let bind = ctx.bind_group(
         &kernel,
@@ -146,18 +151,29 @@ pub fn attention(
     let (h, hkv, d) = (s.heads, s.kv_heads, s.head_dim);
     let t = tok.numel() / 2;
     if hkv == 0 || h % hkv != 0 || d == 0 || s.page == 0 {
-        return Err(invalid(format!("{op}: {h} heads, {hkv} kv heads, head dim {d}, page {}", s.page)));
+        return Err(invalid(format!(
+            "{op}: {h} heads, {hkv} kv heads, head dim {d}, page {}",
+            s.page
+        )));
     }
     if q.numel() != t * h * d || out.numel() != t * h * d || tok.numel() != t * 2 {
-        return Err(invalid(format!("{op}: q {:?}, out {:?}, tok {:?} disagree", q.shape, out.shape, tok.shape)));
+        return Err(invalid(format!(
+            "{op}: q {:?}, out {:?}, tok {:?} disagree",
+            q.shape, out.shape, tok.shape
+        )));
     }
     if k_cache.numel() % (hkv * d) != 0 || pages.numel() % s.max_pages.max(1) != 0 {
-        return Err(invalid(format!("{op}: cache {:?} / page table {:?} malformed", k_cache.shape, pages.shape)));
+        return Err(invalid(format!(
+            "{op}: cache {:?} / page table {:?} malformed",
+            k_cache.shape, pages.shape
+        )));
     }
     let max = ctx.limits().max_compute_workgroups_per_dimension as usize;
     let splits = s.max_keys.div_ceil(ATTENTION_SPLIT).max(1);
     if splits > max || h > max || t > max {
-        return Err(invalid(format!("{op}: grid ({splits}, {h}, {t}) exceeds {max} per dimension")));
+        return Err(invalid(format!(
+            "{op}: grid ({splits}, {h}, {t}) exceeds {max} per dimension"
+        )));
     }
     let part_o = ctx.zeros_f32("attention partial outputs", &[t, h, splits, d])?;
     let part_ml = ctx.zeros_f32("attention partial max/sum", &[t, h, splits, 2])?;
@@ -201,18 +217,38 @@ pub fn attention(
             whole(&part_ml.buffer),
         ],
     );
-    enc.dispatch("attention split", &split.pipeline, &bind, [splits as u32, h as u32, t as u32]);
+    enc.dispatch(
+        "attention split",
+        &split.pipeline,
+        &bind,
+        [splits as u32, h as u32, t as u32],
+    );
 
     let merge = ctx.kernel(
         &ShaderSpec::new("attention_merge_f32.wgsl", "main"),
-        &[Bind::Uniform, Bind::StorageRead, Bind::StorageRead, Bind::StorageReadWrite],
+        &[
+            Bind::Uniform,
+            Bind::StorageRead,
+            Bind::StorageRead,
+            Bind::StorageReadWrite,
+        ],
     )?;
     let grid = grid_2d(ctx, op, t * h)?;
-    let mp = MergeParams { th: (t * h) as u32, d: d as u32, splits: splits as u32, groups_x: grid[0] };
+    let mp = MergeParams {
+        th: (t * h) as u32,
+        d: d as u32,
+        splits: splits as u32,
+        groups_x: grid[0],
+    };
     let mbuf = params(ctx, "attention merge params", &mp);
     let bind = ctx.bind_group(
         &merge,
-        &[whole(&mbuf), whole(&part_o.buffer), whole(&part_ml.buffer), whole(&out.buffer)],
+        &[
+            whole(&mbuf),
+            whole(&part_o.buffer),
+            whole(&part_ml.buffer),
+            whole(&out.buffer),
+        ],
     );
     enc.dispatch("attention merge", &merge.pipeline, &bind, grid);
     Ok(())
@@ -231,7 +267,13 @@ struct GatherParams {
 }
 
 /// `out[r] = x[idx[r]]` for `x` (T, C), `idx` (R) and `out` (R, C).
-pub fn gather_rows(ctx: &GpuContext, enc: &mut GpuEncoder, x: &GpuTensor, idx: &GpuTensor, out: &GpuTensor) -> Result<()> {
+pub fn gather_rows(
+    ctx: &GpuContext,
+    enc: &mut GpuEncoder,
+    x: &GpuTensor,
+    idx: &GpuTensor,
+    out: &GpuTensor,
+) -> Result<()> {
     let op = "gather_rows";
     check_tensor(ctx, op, "x", x, Elem::F32)?;
     check_tensor(ctx, op, "idx", idx, Elem::U32)?;
@@ -239,16 +281,32 @@ pub fn gather_rows(ctx: &GpuContext, enc: &mut GpuEncoder, x: &GpuTensor, idx: &
     let r = idx.numel();
     let c = out.numel() / r;
     if out.numel() != r * c || c == 0 || x.numel() % c != 0 {
-        return Err(invalid(format!("{op}: x {:?}, idx {:?}, out {:?} disagree", x.shape, idx.shape, out.shape)));
+        return Err(invalid(format!(
+            "{op}: x {:?}, idx {:?}, out {:?} disagree",
+            x.shape, idx.shape, out.shape
+        )));
     }
     let kernel = ctx.kernel(
         &ShaderSpec::new("gather_rows_f32.wgsl", "main"),
-        &[Bind::Uniform, Bind::StorageRead, Bind::StorageRead, Bind::StorageReadWrite],
+        &[
+            Bind::Uniform,
+            Bind::StorageRead,
+            Bind::StorageRead,
+            Bind::StorageReadWrite,
+        ],
     )?;
     let grid = grid_2d(ctx, op, (r * c).div_ceil(ELEMENTWISE_WG))?;
-    let p = GatherParams { r: r as u32, c: c as u32, groups_x: grid[0], _pad: 0 };
+    let p = GatherParams {
+        r: r as u32,
+        c: c as u32,
+        groups_x: grid[0],
+        _pad: 0,
+    };
     let pbuf = params(ctx, "gather_rows params", &p);
-    let bind = ctx.bind_group(&kernel, &[whole(&pbuf), whole(&x.buffer), whole(&idx.buffer), whole(&out.buffer)]);
+    let bind = ctx.bind_group(
+        &kernel,
+        &[whole(&pbuf), whole(&x.buffer), whole(&idx.buffer), whole(&out.buffer)],
+    );
     enc.dispatch(op, &kernel.pipeline, &bind, grid);
     Ok(())
 }
@@ -269,10 +327,17 @@ struct ClampParams {
 pub fn clamp(ctx: &GpuContext, enc: &mut GpuEncoder, x: &GpuTensor, limit: f32) -> Result<()> {
     let op = "clamp";
     check_tensor(ctx, op, "x", x, Elem::F32)?;
-    let kernel =
-        ctx.kernel(&ShaderSpec::new("clamp_f32.wgsl", "main"), &[Bind::Uniform, Bind::StorageReadWrite])?;
+    let kernel = ctx.kernel(
+        &ShaderSpec::new("clamp_f32.wgsl", "main"),
+        &[Bind::Uniform, Bind::StorageReadWrite],
+    )?;
     let grid = grid_2d(ctx, op, x.numel().div_ceil(ELEMENTWISE_WG))?;
-    let p = ClampParams { n: x.numel() as u32, groups_x: grid[0], limit, _pad: 0 };
+    let p = ClampParams {
+        n: x.numel() as u32,
+        groups_x: grid[0],
+        limit,
+        _pad: 0,
+    };
     let pbuf = params(ctx, "clamp params", &p);
     let bind = ctx.bind_group(&kernel, &[whole(&pbuf), whole(&x.buffer)]);
     enc.dispatch(op, &kernel.pipeline, &bind, grid);

@@ -64,7 +64,9 @@ pub fn bench_matmul(ctx: &GpuContext, dtype: DType, n: usize, c: usize, t: usize
         ctx.submit(enc)?;
         let bytes = ctx.read_bytes(&resolve, 16, "reading benchmark timestamps")?;
         let ts: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes);
-        let ticks = ts[1].checked_sub(ts[0]).ok_or_else(|| Error::Gpu("timestamps went backwards".into()))?;
+        let ticks = ts[1]
+            .checked_sub(ts[0])
+            .ok_or_else(|| Error::Gpu("timestamps went backwards".into()))?;
         ticks as f64 * ctx.queue.get_timestamp_period() as f64 * 1e-9 / iters as f64
     } else {
         let mut enc = ctx.encoder("bench timed");

@@ -25,7 +25,10 @@ pub struct GpuOptions {
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { adapter_name: None, check_errors: cfg!(debug_assertions) }
+        GpuOptions {
+            adapter_name: None,
+            check_errors: cfg!(debug_assertions),
+        }
     }
 }
 
@@ -34,7 +37,10 @@ impl GpuOptions {
     /// (`WGPU_BACKEND` is honoured by the instance itself.)
     pub fn from_env() -> Self {
         let adapter_name = std::env::var("LYNX_GPU_ADAPTER").ok().filter(|s| !s.is_empty());
-        GpuOptions { adapter_name, ..GpuOptions::default() }
+        GpuOptions {
+            adapter_name,
+            ..GpuOptions::default()
+        }
     }
 }
 
@@ -95,9 +101,10 @@ impl GpuEncoder {
         bind_group: &wgpu::BindGroup,
         grid: [u32; 3],
     ) {
-        let mut pass = self
-            .encoder
-            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
+        let mut pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(label),
+            timestamp_writes: None,
+        });
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, bind_group, &[]);
         pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
@@ -243,8 +250,10 @@ impl GpuContext {
         if adapters.is_empty() {
             return Err(Error::Gpu(format!("no GPU/Vulkan adapter was found; {NO_ADAPTER_FIX}")));
         }
-        let all_names: Vec<String> =
-            adapters.iter().map(|a| format!("{} ({:?})", a.get_info().name, a.get_info().backend)).collect();
+        let all_names: Vec<String> = adapters
+            .iter()
+            .map(|a| format!("{} ({:?})", a.get_info().name, a.get_info().backend))
+            .collect();
         if let Some(want) = &opts.adapter_name {
             let want = want.to_lowercase();
             adapters.retain(|a| a.get_info().name.to_lowercase().contains(&want));
@@ -261,16 +270,25 @@ impl GpuContext {
         Ok(adapters.remove(0))
     }
 
+    /// GPU memory the allocator has handed out, where the backend reports
+    /// it (Vulkan, DX12, Metal through gpu-allocator); `None` elsewhere.
+    pub fn allocated_bytes(&self) -> Option<u64> {
+        self.device.generate_allocator_report().map(|r| r.total_allocated_bytes)
+    }
+
     /// One line describing the chosen adapter, its driver and what we enabled.
     pub fn adapter_report(&self) -> String {
         let i = &self.info;
         let f = self.features;
-        let on: Vec<&str> =
-            [("shader-f16", f.shader_f16), ("subgroup", f.subgroup), ("timestamp-query", f.timestamp_query)]
-                .iter()
-                .filter(|(_, on)| *on)
-                .map(|(n, _)| *n)
-                .collect();
+        let on: Vec<&str> = [
+            ("shader-f16", f.shader_f16),
+            ("subgroup", f.subgroup),
+            ("timestamp-query", f.timestamp_query),
+        ]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| *n)
+        .collect();
         format!(
             "adapter `{}` on {:?}, device type {:?}, driver `{}` ({}); features: {}; max storage binding {} MiB, \
              max buffer {} MiB, workgroup memory {} KiB",
@@ -279,7 +297,11 @@ impl GpuContext {
             i.device_type,
             i.driver,
             i.driver_info,
-            if on.is_empty() { "none".to_string() } else { on.join(", ") },
+            if on.is_empty() {
+                "none".to_string()
+            } else {
+                on.join(", ")
+            },
             self.limits.max_storage_buffer_binding_size >> 20,
             self.limits.max_buffer_size >> 20,
             self.limits.max_compute_workgroup_storage_size >> 10,
@@ -309,7 +331,10 @@ impl GpuContext {
     /// The largest byte size one storage binding may have, capped at 2 GiB so
     /// that byte offsets inside a binding always fit a shader's u32.
     pub fn max_binding_bytes(&self) -> u64 {
-        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size).min(1 << 31)
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+            .min(1 << 31)
     }
 
     /// Runs `f` inside validation and out-of-memory error scopes and turns
@@ -330,7 +355,11 @@ impl GpuContext {
 
     /// Like [`GpuContext::scoped`] when `check_errors` is on; otherwise just runs `f`.
     pub(crate) fn maybe_scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
-        if self.options.check_errors { self.scoped(what, f) } else { Ok(f()) }
+        if self.options.check_errors {
+            self.scoped(what, f)
+        } else {
+            Ok(f())
+        }
     }
 
     /// Returns (and clears) the errors no scope caught, as one `Err`.
@@ -349,8 +378,14 @@ impl GpuContext {
 
     /// A fresh encoder for kernels to record into.
     pub fn encoder(&self, label: &str) -> GpuEncoder {
-        let encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
-        GpuEncoder { encoder, label: label.to_string(), dispatches: 0 }
+        let encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+        GpuEncoder {
+            encoder,
+            label: label.to_string(),
+            dispatches: 0,
+        }
     }
 
     /// Finishes and submits `enc` without waiting for the GPU.
@@ -431,27 +466,43 @@ impl GpuContext {
     pub fn upload_f32(&self, label: &str, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
         Self::check_len(label, data.len(), shape)?;
         let buffer = self.create_storage(label, data.len() as u64 * 4, Some(bytemuck::cast_slice(data)), true)?;
-        Ok(GpuTensor { buffer, shape: shape.to_vec(), elem: Elem::F32 })
+        Ok(GpuTensor {
+            buffer,
+            shape: shape.to_vec(),
+            elem: Elem::F32,
+        })
     }
 
     pub fn upload_u32(&self, label: &str, data: &[u32], shape: &[usize]) -> Result<GpuTensor> {
         Self::check_len(label, data.len(), shape)?;
         let buffer = self.upload_bytes(label, bytemuck::cast_slice(data))?;
-        Ok(GpuTensor { buffer, shape: shape.to_vec(), elem: Elem::U32 })
+        Ok(GpuTensor {
+            buffer,
+            shape: shape.to_vec(),
+            elem: Elem::U32,
+        })
     }
 
     /// An f32 tensor of zeros (wgpu zero-initialises new buffers).
     pub fn zeros_f32(&self, label: &str, shape: &[usize]) -> Result<GpuTensor> {
         let n: usize = shape.iter().product();
         let buffer = self.create_storage(label, n as u64 * 4, None, true)?;
-        Ok(GpuTensor { buffer, shape: shape.to_vec(), elem: Elem::F32 })
+        Ok(GpuTensor {
+            buffer,
+            shape: shape.to_vec(),
+            elem: Elem::F32,
+        })
     }
 
     /// A u32 tensor of zeros.
     pub fn zeros_u32(&self, label: &str, shape: &[usize]) -> Result<GpuTensor> {
         let n: usize = shape.iter().product();
         let buffer = self.create_storage(label, n as u64 * 4, None, false)?;
-        Ok(GpuTensor { buffer, shape: shape.to_vec(), elem: Elem::U32 })
+        Ok(GpuTensor {
+            buffer,
+            shape: shape.to_vec(),
+            elem: Elem::U32,
+        })
     }
 
     /// Overwrites the contents of a u32 tensor from the host.
@@ -512,9 +563,15 @@ impl GpuContext {
             self.wait()?;
             match rx.recv_timeout(std::time::Duration::from_millis(5)) {
                 Ok(Ok(())) => break,
-                Ok(Err(e)) => return Err(Error::Gpu(format!("{what}: mapping the read-back buffer failed: {e}"))),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if start.elapsed().as_secs() < 600 => continue,
-                Err(_) => return Err(Error::Gpu(format!("{what}: the read-back buffer was never mapped"))),
+                Ok(Err(e)) => {
+                    return Err(Error::Gpu(format!("{what}: mapping the read-back buffer failed: {e}")));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if start.elapsed().as_secs() < 600 => {
+                    continue;
+                }
+                Err(_) => {
+                    return Err(Error::Gpu(format!("{what}: the read-back buffer was never mapped")));
+                }
             }
         }
         let out = {

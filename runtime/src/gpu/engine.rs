@@ -37,9 +37,7 @@ use crate::error::{Error, Result};
 use crate::gpu::attention::{AttentionShape, attention, clamp, gather_rows, kv_append};
 use crate::gpu::context::{GpuContext, GpuEncoder, GpuTensor};
 use crate::gpu::kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
-use crate::gpu::moe::{
-    GpuExperts, Grouping, MoeInput, Routing, group_by_expert, moe_combine, moe_matmul, route_topk,
-};
+use crate::gpu::moe::{GpuExperts, Grouping, MoeInput, Routing, group_by_expert, moe_combine, moe_matmul, route_topk};
 use crate::gpu::weights::GpuMatrix;
 use crate::linear::QLinear;
 use crate::model::{Ffn, Logits, Mlp, Model};
@@ -89,17 +87,14 @@ impl GpuMlp {
         })
     }
 
-    /// `out = down(silu(gate(h)) * up(h))` for h (T, C).
-    fn forward(&self, ctx: &GpuContext, enc: &mut GpuEncoder, h: &GpuTensor, out: &GpuTensor) -> Result<()> {
-        let t = h.shape[0];
-        let i = self.gate_proj.w.rows;
-        let g = ctx.zeros_f32("mlp gate", &[t, i])?;
-        let u = ctx.zeros_f32("mlp up", &[t, i])?;
-        self.gate_proj.forward(ctx, enc, h, &g)?;
-        self.up_proj.forward(ctx, enc, h, &u)?;
-        let a = ctx.zeros_f32("mlp act", &[t, i])?;
-        silu_mul(ctx, enc, &g, &u, &a)?;
-        self.down_proj.forward(ctx, enc, &a, out)
+    /// `bufs[3] = down(silu(gate(h)) * up(h))` for h (T, C), with `bufs` =
+    /// gate, up, act scratch (T, at least I) and the output (T, C).
+    fn forward(&self, ctx: &GpuContext, enc: &mut GpuEncoder, h: &GpuTensor, bufs: &[GpuTensor; 4]) -> Result<()> {
+        let [g, u, a, out] = bufs;
+        self.gate_proj.forward(ctx, enc, h, g)?;
+        self.up_proj.forward(ctx, enc, h, u)?;
+        silu_mul(ctx, enc, g, u, a)?;
+        self.down_proj.forward(ctx, enc, a, out)
     }
 }
 
@@ -175,12 +170,62 @@ impl Drop for GpuSequence {
     }
 }
 
+/// The activations of one step of T tokens, reused by every layer (the
+/// kernels of a step run in order, each pass seeing the previous one's
+/// writes) and by the next step when it has the same T, as decode steps do.
+struct Scratch {
+    t: usize,
+    x: GpuTensor,
+    h: GpuTensor,
+    q: GpuTensor,
+    qn: GpuTensor,
+    k: GpuTensor,
+    kn: GpuTensor,
+    v: GpuTensor,
+    att: GpuTensor,
+    o: GpuTensor,
+    /// Dense MLPs (and shared experts), per intermediate size I: gate, up,
+    /// act (T, I) and the output (T, C).
+    mlp: Vec<(usize, [GpuTensor; 4])>,
+    moe: Option<MoeScratch>,
+    /// (L, E + 1) u32: each MoE layer's expert offsets of this step, copied
+    /// from the grouping after the layer ran (rows of dense layers stay 0).
+    expert_offsets: Option<GpuTensor>,
+}
+
+impl Scratch {
+    /// The MLP scratch for `mlp`'s intermediate size.
+    fn mlp_for(&self, mlp: &GpuMlp) -> Result<&[GpuTensor; 4]> {
+        let i = mlp.gate_proj.w.rows;
+        self.mlp
+            .iter()
+            .find(|(n, _)| *n == i)
+            .map(|(_, b)| b)
+            .ok_or_else(|| Error::Gpu(format!("no MLP scratch of intermediate size {i}")))
+    }
+}
+
+struct MoeScratch {
+    routing: Routing,
+    grouping: Grouping,
+    gy: GpuTensor,
+    uy: GpuTensor,
+    act: GpuTensor,
+    dy: GpuTensor,
+    /// The shared expert's gate logit (T, 1); its output goes to the MLP scratch.
+    shared_gate: Option<GpuTensor>,
+}
+
 /// Per-step counters, for benchmarks and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StepStats {
     pub steps: usize,
     pub tokens: usize,
     pub dispatches: u64,
+    /// The most GPU memory the allocator reported in use during a step
+    /// (sampled once per step, when all of its buffers are alive); 0 where
+    /// the backend gives no report.
+    pub peak_bytes: u64,
 }
 
 pub struct GpuModel {
@@ -196,6 +241,12 @@ pub struct GpuModel {
     /// The most tokens one step (one pass through the layers) processes.
     pub max_step_tokens: usize,
     stats: Mutex<StepStats>,
+    scratch: Mutex<Option<Scratch>>,
+    /// When set, every step reads back how many tokens each expert of each
+    /// MoE layer received (one extra small read-back per step); see
+    /// [`GpuModel::last_expert_counts`].
+    pub collect_expert_counts: bool,
+    last_counts: Mutex<Vec<Vec<u32>>>,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -217,8 +268,15 @@ impl GpuModel {
         let embed = GpuMatrix::upload(c, &model.embed_tokens)?;
         let tied = model.lm_head.weight.dtype == model.embed_tokens.dtype
             && model.lm_head.weight.shape == model.embed_tokens.shape
-            && std::ptr::eq(model.lm_head.weight.bytes().as_ptr(), model.embed_tokens.bytes().as_ptr());
-        let lm_head = if tied { None } else { Some(GpuMatrix::upload(c, &model.lm_head.weight)?) };
+            && std::ptr::eq(
+                model.lm_head.weight.bytes().as_ptr(),
+                model.embed_tokens.bytes().as_ptr(),
+            );
+        let lm_head = if tied {
+            None
+        } else {
+            Some(GpuMatrix::upload(c, &model.lm_head.weight)?)
+        };
         if model.lm_head.bias.is_some() {
             return Err(Error::Gpu("an lm_head bias is not supported on the GPU".into()));
         }
@@ -229,8 +287,14 @@ impl GpuModel {
                 Ffn::Dense(m) => GpuFfn::Dense(GpuMlp::upload(c, m)?),
                 Ffn::Moe(moe) => {
                     let pick = |f: fn(&Mlp) -> &QLinear| moe.experts.iter().map(|e| &f(e).weight).collect::<Vec<_>>();
-                    if moe.experts.iter().any(|e| e.gate_proj.bias.is_some() || e.down_proj.bias.is_some()) {
-                        return Err(Error::Gpu(format!("layer {l}: expert biases are not supported on the GPU")));
+                    if moe
+                        .experts
+                        .iter()
+                        .any(|e| e.gate_proj.bias.is_some() || e.down_proj.bias.is_some())
+                    {
+                        return Err(Error::Gpu(format!(
+                            "layer {l}: expert biases are not supported on the GPU"
+                        )));
                     }
                     let shared = match &moe.shared_expert {
                         Some((m, g)) => Some((GpuMlp::upload(c, m)?, GpuLinear::upload(c, g)?)),
@@ -238,9 +302,17 @@ impl GpuModel {
                     };
                     GpuFfn::Moe(GpuMoe {
                         router: GpuLinear::upload(c, &moe.gate)?,
-                        gate_proj: GpuExperts::upload(c, &format!("layers.{l}.experts.gate_proj"), &pick(|m| &m.gate_proj))?,
+                        gate_proj: GpuExperts::upload(
+                            c,
+                            &format!("layers.{l}.experts.gate_proj"),
+                            &pick(|m| &m.gate_proj),
+                        )?,
                         up_proj: GpuExperts::upload(c, &format!("layers.{l}.experts.up_proj"), &pick(|m| &m.up_proj))?,
-                        down_proj: GpuExperts::upload(c, &format!("layers.{l}.experts.down_proj"), &pick(|m| &m.down_proj))?,
+                        down_proj: GpuExperts::upload(
+                            c,
+                            &format!("layers.{l}.experts.down_proj"),
+                            &pick(|m| &m.down_proj),
+                        )?,
                         shared,
                     })
                 }
@@ -251,8 +323,16 @@ impl GpuModel {
                 k_proj: GpuLinear::upload(c, &a.k_proj)?,
                 v_proj: GpuLinear::upload(c, &a.v_proj)?,
                 o_proj: GpuLinear::upload(c, &a.o_proj)?,
-                q_norm: a.q_norm.as_ref().map(|w| vec_tensor(c, &format!("layers.{l}.q_norm"), w)).transpose()?,
-                k_norm: a.k_norm.as_ref().map(|w| vec_tensor(c, &format!("layers.{l}.k_norm"), w)).transpose()?,
+                q_norm: a
+                    .q_norm
+                    .as_ref()
+                    .map(|w| vec_tensor(c, &format!("layers.{l}.q_norm"), w))
+                    .transpose()?,
+                k_norm: a
+                    .k_norm
+                    .as_ref()
+                    .map(|w| vec_tensor(c, &format!("layers.{l}.k_norm"), w))
+                    .transpose()?,
                 post_attention_layernorm: vec_tensor(
                     c,
                     &format!("layers.{l}.post_attention_layernorm"),
@@ -264,7 +344,10 @@ impl GpuModel {
         }
         let norm = vec_tensor(c, "norm", &model.norm)?;
         let kv = Self::new_pool(c, &cfg, INITIAL_PAGES)?;
-        let alloc = PageAllocator { capacity: INITIAL_PAGES, free: (0..INITIAL_PAGES as u32).rev().collect() };
+        let alloc = PageAllocator {
+            capacity: INITIAL_PAGES,
+            free: (0..INITIAL_PAGES as u32).rev().collect(),
+        };
         ctx.wait()?;
         Ok(GpuModel {
             ctx,
@@ -277,6 +360,9 @@ impl GpuModel {
             kv: Mutex::new(kv),
             max_step_tokens: DEFAULT_STEP_TOKENS,
             stats: Mutex::new(StepStats::default()),
+            scratch: Mutex::new(None),
+            collect_expert_counts: false,
+            last_counts: Mutex::new(Vec::new()),
         })
     }
 
@@ -300,6 +386,83 @@ impl GpuModel {
             ));
         }
         Ok(KvPool { layers })
+    }
+
+    fn new_scratch(&self, t: usize) -> Result<Scratch> {
+        let ctx = &*self.ctx;
+        let cfg = &self.config;
+        let (c, h, hkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let f = |label: &str, shape: &[usize]| ctx.zeros_f32(label, shape);
+        // Intermediate sizes of the dense MLPs: dense layers and shared experts.
+        let mut dense_sizes = Vec::new();
+        let mut moe_dims = None;
+        for l in &self.layers {
+            match &l.ffn {
+                GpuFfn::Dense(m) => dense_sizes.push(m.gate_proj.w.rows),
+                GpuFfn::Moe(m) => {
+                    if let Some((s, _)) = &m.shared {
+                        dense_sizes.push(s.gate_proj.w.rows);
+                    }
+                    moe_dims = Some((m.gate_proj.experts, m.gate_proj.rows, m.shared.is_some()));
+                }
+            }
+        }
+        dense_sizes.sort_unstable();
+        dense_sizes.dedup();
+        let mut mlp = Vec::new();
+        for i in dense_sizes {
+            mlp.push((
+                i,
+                [
+                    f("mlp gate", &[t, i])?,
+                    f("mlp up", &[t, i])?,
+                    f("mlp act", &[t, i])?,
+                    f("mlp output", &[t, c])?,
+                ],
+            ));
+        }
+        let moe = match (moe_dims, &cfg.moe) {
+            (Some((e, i, shared)), Some(mc)) => {
+                let k = mc.top_k;
+                Some(MoeScratch {
+                    routing: Routing {
+                        logits: f("router logits", &[t, e])?,
+                        ids: ctx.zeros_u32("routing expert ids", &[t, k])?,
+                        weights: f("routing weights", &[t, k])?,
+                    },
+                    grouping: Grouping::new(ctx, t, e, k)?,
+                    gy: f("experts gate", &[t * k, i])?,
+                    uy: f("experts up", &[t * k, i])?,
+                    act: f("experts act", &[t * k, i])?,
+                    dy: f("experts down", &[t * k, c])?,
+                    shared_gate: if shared {
+                        Some(f("shared expert gate", &[t, 1])?)
+                    } else {
+                        None
+                    },
+                })
+            }
+            _ => None,
+        };
+        let expert_offsets = match moe_dims {
+            Some((e, _, _)) => Some(ctx.zeros_u32("per-layer expert offsets", &[cfg.num_layers, e + 1])?),
+            None => None,
+        };
+        Ok(Scratch {
+            t,
+            expert_offsets,
+            x: f("x (residual stream)", &[t, c])?,
+            h: f("h (normed)", &[t, c])?,
+            q: f("q", &[t, h * d])?,
+            qn: f("q normed", &[t, h * d])?,
+            k: f("k", &[t, hkv * d])?,
+            kn: f("k normed", &[t, hkv * d])?,
+            v: f("v", &[t, hkv * d])?,
+            att: f("attention output", &[t, h * d])?,
+            o: f("o_proj output", &[t, c])?,
+            mlp,
+            moe,
+        })
     }
 
     /// Bytes of KV cache currently allocated on the GPU (all layers).
@@ -360,13 +523,29 @@ impl GpuModel {
         total
     }
 
+    /// Tokens per expert in each layer (empty for dense layers) of the last
+    /// step, when `collect_expert_counts` is set.
+    pub fn last_expert_counts(&self) -> Vec<Vec<u32>> {
+        self.last_counts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    pub fn reset_stats(&self) {
+        if let Ok(mut s) = self.stats.lock() {
+            *s = StepStats::default();
+        }
+    }
+
     pub fn stats(&self) -> StepStats {
         self.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
     /// A fresh sequence with an empty KV cache.
     pub fn new_sequence(&self) -> GpuSequence {
-        GpuSequence { len: 0, pages: Vec::new(), alloc: self.alloc.clone() }
+        GpuSequence {
+            len: 0,
+            pages: Vec::new(),
+            alloc: self.alloc.clone(),
+        }
     }
 
     /// Runs the new tokens of several sequences through the model, appending
@@ -380,14 +559,22 @@ impl GpuModel {
                 return Err(Error::InvalidArgument("forward: a sequence has no new tokens".into()));
             }
             if !Arc::ptr_eq(&seq.alloc, &self.alloc) {
-                return Err(Error::InvalidArgument("forward: sequence belongs to another model".into()));
+                return Err(Error::InvalidArgument(
+                    "forward: sequence belongs to another model".into(),
+                ));
             }
             let requested = seq.len + tokens.len();
             if requested > cfg.max_position_embeddings {
-                return Err(Error::ContextOverflow { requested, limit: cfg.max_position_embeddings });
+                return Err(Error::ContextOverflow {
+                    requested,
+                    limit: cfg.max_position_embeddings,
+                });
             }
             if let Some(&id) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-                return Err(Error::TokenOutOfRange { id, vocab: cfg.vocab_size });
+                return Err(Error::TokenOutOfRange {
+                    id,
+                    vocab: cfg.vocab_size,
+                });
             }
         }
         if self.max_step_tokens == 0 {
@@ -492,11 +679,17 @@ impl GpuModel {
         }
         self.reserve_pages(need)?;
         {
-            let mut a = self.alloc.lock().map_err(|_| Error::Gpu("KV page allocator lock poisoned".into()))?;
+            let mut a = self
+                .alloc
+                .lock()
+                .map_err(|_| Error::Gpu("KV page allocator lock poisoned".into()))?;
             for (b, len, toks) in pieces {
                 let s = &mut seqs[slot(*b)];
                 while s.pages.len() < (len + toks.len()).div_ceil(KV_PAGE) {
-                    let p = a.free.pop().ok_or_else(|| Error::Gpu("KV page allocator ran dry".into()))?;
+                    let p = a
+                        .free
+                        .pop()
+                        .ok_or_else(|| Error::Gpu("KV page allocator ran dry".into()))?;
                     s.pages.push(p);
                 }
             }
@@ -533,10 +726,21 @@ impl GpuModel {
         let pages_t = ctx.upload_u32("step page table", &table, &[seqs.len(), max_pages])?;
 
         let kv = self.kv.lock().map_err(|_| Error::Gpu("KV pool lock poisoned".into()))?;
+        let mut scratch_slot = self
+            .scratch
+            .lock()
+            .map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
+        if scratch_slot.as_ref().is_none_or(|s| s.t != t) {
+            // Free the old step's buffers before allocating the new ones.
+            *scratch_slot = None;
+            *scratch_slot = Some(self.new_scratch(t)?);
+        }
+        let sc = scratch_slot
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("step scratch missing".into()))?;
         let mut enc = ctx.encoder("forward step");
-        let x = ctx.zeros_f32("x (residual stream)", &[t, c])?;
-        embed_rows(ctx, &mut enc, &self.embed, &ids_t, &x)?;
-        let hbuf = ctx.zeros_f32("h (normed)", &[t, c])?;
+        let x = &sc.x;
+        embed_rows(ctx, &mut enc, &self.embed, &ids_t, x)?;
         let shape = AttentionShape {
             heads: h,
             kv_heads: hkv,
@@ -547,71 +751,105 @@ impl GpuModel {
             sliding_window: cfg.sliding_window,
         };
         for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm_rows(ctx, &mut enc, &x, &layer.input_layernorm, &hbuf, c, cfg.rms_norm_eps)?;
-            let mut q = ctx.zeros_f32("q", &[t, h * d])?;
-            let mut k = ctx.zeros_f32("k", &[t, hkv * d])?;
-            let v = ctx.zeros_f32("v", &[t, hkv * d])?;
-            layer.q_proj.forward(ctx, &mut enc, &hbuf, &q)?;
-            layer.k_proj.forward(ctx, &mut enc, &hbuf, &k)?;
-            layer.v_proj.forward(ctx, &mut enc, &hbuf, &v)?;
+            rms_norm_rows(ctx, &mut enc, x, &layer.input_layernorm, &sc.h, c, cfg.rms_norm_eps)?;
+            layer.q_proj.forward(ctx, &mut enc, &sc.h, &sc.q)?;
+            layer.k_proj.forward(ctx, &mut enc, &sc.h, &sc.k)?;
+            layer.v_proj.forward(ctx, &mut enc, &sc.h, &sc.v)?;
             // q/k norm: over the whole vector (OLMoE) or each head (Qwen3).
-            let norm_len = |heads: usize| if cfg.qk_norm == QkNorm::PerHead { d } else { heads * d };
+            let norm_len = |heads: usize| {
+                if cfg.qk_norm == QkNorm::PerHead { d } else { heads * d }
+            };
+            let mut q = &sc.q;
+            let mut k = &sc.k;
             if let Some(w) = &layer.q_norm {
-                let qn = ctx.zeros_f32("q normed", &[t, h * d])?;
-                rms_norm_rows(ctx, &mut enc, &q, w, &qn, norm_len(h), cfg.rms_norm_eps)?;
-                q = qn;
+                rms_norm_rows(ctx, &mut enc, q, w, &sc.qn, norm_len(h), cfg.rms_norm_eps)?;
+                q = &sc.qn;
             }
             if let Some(w) = &layer.k_norm {
-                let kn = ctx.zeros_f32("k normed", &[t, hkv * d])?;
-                rms_norm_rows(ctx, &mut enc, &k, w, &kn, norm_len(hkv), cfg.rms_norm_eps)?;
-                k = kn;
+                rms_norm_rows(ctx, &mut enc, k, w, &sc.kn, norm_len(hkv), cfg.rms_norm_eps)?;
+                k = &sc.kn;
             }
             if let Some(limit) = cfg.clip_qkv {
-                for x in [&q, &k, &v] {
+                for x in [q, k, &sc.v] {
                     clamp(ctx, &mut enc, x, limit)?;
                 }
             }
-            rope_heads(ctx, &mut enc, &q, &pos_t, h, d, cfg.rope_theta, cfg.rope_style)?;
-            rope_heads(ctx, &mut enc, &k, &pos_t, hkv, d, cfg.rope_theta, cfg.rope_style)?;
+            rope_heads(ctx, &mut enc, q, &pos_t, h, d, cfg.rope_theta, cfg.rope_style)?;
+            rope_heads(ctx, &mut enc, k, &pos_t, hkv, d, cfg.rope_theta, cfg.rope_style)?;
             let (kc, vc) = &kv.layers[l];
-            kv_append(ctx, &mut enc, &k, &v, &dest_t, kc, vc)?;
-            let att = ctx.zeros_f32("attention output", &[t, h * d])?;
-            attention(ctx, &mut enc, &shape, &q, kc, vc, &tok_t, &pages_t, &att)?;
-            let o = ctx.zeros_f32("o_proj output", &[t, c])?;
-            layer.o_proj.forward(ctx, &mut enc, &att, &o)?;
-            add(ctx, &mut enc, &x, &o)?;
+            kv_append(ctx, &mut enc, k, &sc.v, &dest_t, kc, vc)?;
+            attention(ctx, &mut enc, &shape, q, kc, vc, &tok_t, &pages_t, &sc.att)?;
+            layer.o_proj.forward(ctx, &mut enc, &sc.att, &sc.o)?;
+            add(ctx, &mut enc, x, &sc.o)?;
 
-            rms_norm_rows(ctx, &mut enc, &x, &layer.post_attention_layernorm, &hbuf, c, cfg.rms_norm_eps)?;
+            rms_norm_rows(
+                ctx,
+                &mut enc,
+                x,
+                &layer.post_attention_layernorm,
+                &sc.h,
+                c,
+                cfg.rms_norm_eps,
+            )?;
             match &layer.ffn {
                 GpuFfn::Dense(mlp) => {
-                    let y = ctx.zeros_f32("mlp output", &[t, c])?;
-                    mlp.forward(ctx, &mut enc, &hbuf, &y)?;
-                    add(ctx, &mut enc, &x, &y)?;
+                    let bufs = sc.mlp_for(mlp)?;
+                    mlp.forward(ctx, &mut enc, &sc.h, bufs)?;
+                    add(ctx, &mut enc, x, &bufs[3])?;
                 }
-                GpuFfn::Moe(moe) => self.moe(ctx, &mut enc, moe, &hbuf, &x, t)?,
+                GpuFfn::Moe(moe) => self.moe(ctx, &mut enc, moe, sc, t, l)?,
             }
         }
 
         // Final norm and head, only on the wanted rows.
         let r = want.len();
+        let dispatches = enc.dispatches as u64;
         let result = if r == 0 {
             ctx.submit(enc)?;
+            self.sample_memory();
             Vec::new()
         } else {
-            let idx = ctx.upload_u32("logit rows", &want.iter().map(|(i, _)| *i as u32).collect::<Vec<_>>(), &[r])?;
+            let idx = ctx.upload_u32(
+                "logit rows",
+                &want.iter().map(|(i, _)| *i as u32).collect::<Vec<_>>(),
+                &[r],
+            )?;
             let picked = ctx.zeros_f32("logit rows of x", &[r, c])?;
-            gather_rows(ctx, &mut enc, &x, &idx, &picked)?;
+            gather_rows(ctx, &mut enc, x, &idx, &picked)?;
             let normed = ctx.zeros_f32("final norm", &[r, c])?;
             rms_norm_rows(ctx, &mut enc, &picked, &self.norm, &normed, c, cfg.rms_norm_eps)?;
             let logits = ctx.zeros_f32("logits", &[r, cfg.vocab_size])?;
-            matmul_nt(ctx, &mut enc, &normed, self.lm_head.as_ref().unwrap_or(&self.embed), None, &logits)?;
-            let dispatches = enc.dispatches as u64;
+            matmul_nt(
+                ctx,
+                &mut enc,
+                &normed,
+                self.lm_head.as_ref().unwrap_or(&self.embed),
+                None,
+                &logits,
+            )?;
             ctx.submit(enc)?;
-            if let Ok(mut s) = self.stats.lock() {
-                s.dispatches += dispatches;
-            }
+            self.sample_memory();
             ctx.read_f32(&logits)?
         };
+        if self.collect_expert_counts
+            && let Some(log) = &sc.expert_offsets
+        {
+            let offsets = ctx.read_u32(log)?;
+            let e1 = log.shape[1];
+            let counts: Vec<Vec<u32>> = self
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(l, layer)| match layer.ffn {
+                    GpuFfn::Moe(_) => offsets[l * e1..(l + 1) * e1].windows(2).map(|w| w[1] - w[0]).collect(),
+                    GpuFfn::Dense(_) => Vec::new(),
+                })
+                .collect();
+            if let Ok(mut c) = self.last_counts.lock() {
+                *c = counts;
+            }
+        }
+        drop(scratch_slot);
         drop(kv);
         for (b, _, toks) in pieces {
             seqs[slot(*b)].len += toks.len();
@@ -619,48 +857,79 @@ impl GpuModel {
         if let Ok(mut s) = self.stats.lock() {
             s.steps += 1;
             s.tokens += t;
+            s.dispatches += dispatches;
         }
         Ok(result)
     }
 
-    /// The routed experts (+ shared expert) of one layer, added into `x`.
-    fn moe(&self, ctx: &GpuContext, enc: &mut GpuEncoder, moe: &GpuMoe, h: &GpuTensor, x: &GpuTensor, t: usize) -> Result<()> {
-        let mc = self.config.moe.as_ref().ok_or_else(|| Error::Gpu("MoE layer without an MoE config".into()))?;
-        let (e, k, c) = (moe.gate_proj.experts, mc.top_k, self.config.hidden_size);
-        let i = moe.gate_proj.rows;
-        let routing = Routing {
-            logits: ctx.zeros_f32("router logits", &[t, e])?,
-            ids: ctx.zeros_u32("routing expert ids", &[t, k])?,
-            weights: ctx.zeros_f32("routing weights", &[t, k])?,
-        };
-        moe.router.forward(ctx, enc, h, &routing.logits)?;
-        route_topk(ctx, enc, &routing, mc.routing.renormalize || !mc.routing.softmax_then_topk)?;
-        let g = Grouping::new(ctx, t, e, k)?;
-        group_by_expert(ctx, enc, &routing, &g)?;
-        let gy = ctx.zeros_f32("experts gate", &[t * k, i])?;
-        let uy = ctx.zeros_f32("experts up", &[t * k, i])?;
-        moe_matmul(ctx, enc, &moe.gate_proj, h, MoeInput::Tokens, &g, t, k, &gy)?;
-        moe_matmul(ctx, enc, &moe.up_proj, h, MoeInput::Tokens, &g, t, k, &uy)?;
-        let act = ctx.zeros_f32("experts act", &[t * k, i])?;
-        silu_mul(ctx, enc, &gy, &uy, &act)?;
-        let dy = ctx.zeros_f32("experts down", &[t * k, c])?;
-        moe_matmul(ctx, enc, &moe.down_proj, &act, MoeInput::Grouped, &g, t, k, &dy)?;
-        match &moe.shared {
-            Some((mlp, gate)) => {
-                let s = ctx.zeros_f32("shared expert output", &[t, c])?;
-                mlp.forward(ctx, enc, h, &s)?;
-                let sg = ctx.zeros_f32("shared expert gate", &[t, 1])?;
-                gate.forward(ctx, enc, h, &sg)?;
-                moe_combine(ctx, enc, x, &dy, &g, Some((&s, &sg)))
+    /// Notes the allocator's current total in the peak-memory statistic.
+    fn sample_memory(&self) {
+        if let Some(bytes) = self.ctx.allocated_bytes()
+            && let Ok(mut s) = self.stats.lock()
+        {
+            s.peak_bytes = s.peak_bytes.max(bytes);
+        }
+    }
+
+    /// The routed experts (+ shared expert) of one layer, added into the
+    /// residual stream `sc.x`, reading the normed input `sc.h`.
+    fn moe(
+        &self,
+        ctx: &GpuContext,
+        enc: &mut GpuEncoder,
+        moe: &GpuMoe,
+        sc: &Scratch,
+        t: usize,
+        l: usize,
+    ) -> Result<()> {
+        let mc = self
+            .config
+            .moe
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("MoE layer without an MoE config".into()))?;
+        let ms = sc
+            .moe
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("MoE scratch missing".into()))?;
+        let k = mc.top_k;
+        let (h, x) = (&sc.h, &sc.x);
+        moe.router.forward(ctx, enc, h, &ms.routing.logits)?;
+        route_topk(
+            ctx,
+            enc,
+            &ms.routing,
+            mc.routing.renormalize || !mc.routing.softmax_then_topk,
+        )?;
+        // The routing buffer (ms.routing.ids / weights) is final from here on.
+        group_by_expert(ctx, enc, &ms.routing, &ms.grouping)?;
+        let g = &ms.grouping;
+        if let Some(log) = &sc.expert_offsets {
+            let row = g.offsets.data_bytes();
+            enc.inner()
+                .copy_buffer_to_buffer(&g.offsets.buffer, 0, &log.buffer, l as u64 * row, row);
+        }
+        moe_matmul(ctx, enc, &moe.gate_proj, h, MoeInput::Tokens, g, t, k, &ms.gy)?;
+        moe_matmul(ctx, enc, &moe.up_proj, h, MoeInput::Tokens, g, t, k, &ms.uy)?;
+        silu_mul(ctx, enc, &ms.gy, &ms.uy, &ms.act)?;
+        moe_matmul(ctx, enc, &moe.down_proj, &ms.act, MoeInput::Grouped, g, t, k, &ms.dy)?;
+        match (&moe.shared, &ms.shared_gate) {
+            (Some((mlp, gate)), Some(sg)) => {
+                let bufs = sc.mlp_for(mlp)?;
+                mlp.forward(ctx, enc, h, bufs)?;
+                gate.forward(ctx, enc, h, sg)?;
+                moe_combine(ctx, enc, x, &ms.dy, g, Some((&bufs[3], sg)))
             }
-            None => moe_combine(ctx, enc, x, &dy, &g, None),
+            _ => moe_combine(ctx, enc, x, &ms.dy, g, None),
         }
     }
 
     /// Makes sure `need` free pages exist, growing the pool (and copying the
     /// cached keys and values) if not; shrinks an idle, grown pool first.
     fn reserve_pages(&self, need: usize) -> Result<()> {
-        let mut a = self.alloc.lock().map_err(|_| Error::Gpu("KV page allocator lock poisoned".into()))?;
+        let mut a = self
+            .alloc
+            .lock()
+            .map_err(|_| Error::Gpu("KV page allocator lock poisoned".into()))?;
         let mut kv = self.kv.lock().map_err(|_| Error::Gpu("KV pool lock poisoned".into()))?;
         if a.free.len() == a.capacity && a.capacity > INITIAL_PAGES && need <= INITIAL_PAGES {
             // No sequence holds pages: give the grown pool's memory back.
@@ -676,8 +945,10 @@ impl GpuModel {
         let new = Self::new_pool(&self.ctx, &self.config, new_cap)?;
         let mut enc = self.ctx.encoder("grow KV cache");
         for ((ok, ov), (nk, nv)) in kv.layers.iter().zip(&new.layers) {
-            enc.inner().copy_buffer_to_buffer(&ok.buffer, 0, &nk.buffer, 0, ok.data_bytes());
-            enc.inner().copy_buffer_to_buffer(&ov.buffer, 0, &nv.buffer, 0, ov.data_bytes());
+            enc.inner()
+                .copy_buffer_to_buffer(&ok.buffer, 0, &nk.buffer, 0, ok.data_bytes());
+            enc.inner()
+                .copy_buffer_to_buffer(&ov.buffer, 0, &nv.buffer, 0, ov.data_bytes());
         }
         self.ctx.submit(enc)?;
         let old_cap = a.capacity;

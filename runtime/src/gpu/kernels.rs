@@ -32,7 +32,11 @@ pub(crate) fn params<P: Pod>(ctx: &GpuContext, label: &str, p: &P) -> wgpu::Buff
 }
 
 pub(crate) fn whole(buffer: &wgpu::Buffer) -> wgpu::BufferBinding<'_> {
-    wgpu::BufferBinding { buffer, offset: 0, size: None }
+    wgpu::BufferBinding {
+        buffer,
+        offset: 0,
+        size: None,
+    }
 }
 
 /// Checks that `t` is an f32 (or u32) tensor that one storage binding can hold.
@@ -63,7 +67,9 @@ pub(crate) fn grid_2d(ctx: &GpuContext, op: &str, groups: usize) -> Result<[u32;
     let x = groups.clamp(1, max);
     let y = groups.div_ceil(x).max(1);
     if y > max {
-        return Err(invalid(format!("{op}: {groups} workgroups exceed a {max} x {max} grid")));
+        return Err(invalid(format!(
+            "{op}: {groups} workgroups exceed a {max} x {max} grid"
+        )));
     }
     Ok([x as u32, y as u32, 1])
 }
@@ -129,7 +135,9 @@ fn matmul_x_mode(ctx: &GpuContext, t: usize, c: usize, allow_uniform: bool) -> X
     }
     // Whole tiles of 4 tokens per window when they fit.
     let window = if cap >= 4 { cap / 4 * 4 } else { cap };
-    XMode::Uniform { window: window as usize }
+    XMode::Uniform {
+        window: window as usize,
+    }
 }
 
 /// `y (T, N) = x (T, C) · Wᵀ + bias` with `w` (N, C) in its stored format.
@@ -184,7 +192,9 @@ pub(crate) fn matmul_nt_with(
     let token_tiles = window.div_ceil(tile_t as usize);
     let max = ctx.limits().max_compute_workgroups_per_dimension as usize;
     if token_tiles > max {
-        return Err(invalid(format!("{op}: {t} tokens need {token_tiles} tiles, more than {max}")));
+        return Err(invalid(format!(
+            "{op}: {t} tokens need {token_tiles} tiles, more than {max}"
+        )));
     }
     let window_bytes = (window * c * 4) as u64;
     let mut spec = ShaderSpec::new("matmul_nt_wq.wgsl", "main")
@@ -194,13 +204,25 @@ pub(crate) fn matmul_nt_with(
         .define_u32("TILE_T", tile_t);
     spec = match mode {
         XMode::Storage => spec.include("matmul_x_storage.wgsl"),
-        XMode::Uniform { .. } => {
-            spec.include("matmul_x_uniform.wgsl").define_u32("X_VEC4S", (window_bytes / 16) as u32)
-        }
+        XMode::Uniform { .. } => spec
+            .include("matmul_x_uniform.wgsl")
+            .define_u32("X_VEC4S", (window_bytes / 16) as u32),
     };
-    let x_bind = if mode == XMode::Storage { Bind::StorageRead } else { Bind::Uniform };
-    let kernel =
-        ctx.kernel(&spec, &[Bind::Uniform, Bind::StorageRead, x_bind, Bind::StorageRead, Bind::StorageReadWrite])?;
+    let x_bind = if mode == XMode::Storage {
+        Bind::StorageRead
+    } else {
+        Bind::Uniform
+    };
+    let kernel = ctx.kernel(
+        &spec,
+        &[
+            Bind::Uniform,
+            Bind::StorageRead,
+            x_bind,
+            Bind::StorageRead,
+            Bind::StorageReadWrite,
+        ],
+    )?;
 
     // Window starts. The last window is moved back to end at token T, so
     // every window is full; the tokens it shares with the previous window
@@ -277,11 +299,23 @@ pub fn embed_rows(
     check_tensor(ctx, &op, "out", out, Elem::F32)?;
     let (t, c) = (ids.numel(), table.cols);
     if out.numel() != t * c || out.shape.last() != Some(&c) {
-        return Err(invalid(format!("{op}: out has shape {:?}, expected ({t}, {c})", out.shape)));
+        return Err(invalid(format!(
+            "{op}: out has shape {:?}, expected ({t}, {c})",
+            out.shape
+        )));
     }
-    let spec =
-        ShaderSpec::new("embed_rows_wq.wgsl", "main").include("dequant_common.wgsl").include(table.dequant_shader()?);
-    let kernel = ctx.kernel(&spec, &[Bind::Uniform, Bind::StorageRead, Bind::StorageRead, Bind::StorageReadWrite])?;
+    let spec = ShaderSpec::new("embed_rows_wq.wgsl", "main")
+        .include("dequant_common.wgsl")
+        .include(table.dequant_shader()?);
+    let kernel = ctx.kernel(
+        &spec,
+        &[
+            Bind::Uniform,
+            Bind::StorageRead,
+            Bind::StorageRead,
+            Bind::StorageReadWrite,
+        ],
+    )?;
     let grid = grid_2d(ctx, &op, (t * c).div_ceil(ELEMENTWISE_WG))?;
     for chunk in &table.chunks {
         let p = EmbedParams {
@@ -294,8 +328,15 @@ pub fn embed_rows(
             _pad: [0; 2],
         };
         let pbuf = params(ctx, &format!("{op} params"), &p);
-        let bind =
-            ctx.bind_group(&kernel, &[whole(&pbuf), whole(&chunk.buffer), whole(&ids.buffer), whole(&out.buffer)]);
+        let bind = ctx.bind_group(
+            &kernel,
+            &[
+                whole(&pbuf),
+                whole(&chunk.buffer),
+                whole(&ids.buffer),
+                whole(&out.buffer),
+            ],
+        );
         enc.dispatch(&op, &kernel.pipeline, &bind, grid);
     }
     Ok(())
@@ -333,20 +374,44 @@ pub fn rms_norm_rows(
         return Err(invalid(format!("{op}: x ({:?}) is not rows of {row_len}", x.shape)));
     }
     if weight.numel() != row_len {
-        return Err(invalid(format!("{op}: weight has {} values, rows have {row_len}", weight.numel())));
+        return Err(invalid(format!(
+            "{op}: weight has {} values, rows have {row_len}",
+            weight.numel()
+        )));
     }
     if out.numel() != x.numel() {
-        return Err(invalid(format!("{op}: out {:?} and x {:?} differ in size", out.shape, x.shape)));
+        return Err(invalid(format!(
+            "{op}: out {:?} and x {:?} differ in size",
+            out.shape, x.shape
+        )));
     }
     let rows = x.numel() / row_len;
     let kernel = ctx.kernel(
         &ShaderSpec::new("rms_norm_rows_f32.wgsl", "main"),
-        &[Bind::Uniform, Bind::StorageRead, Bind::StorageRead, Bind::StorageReadWrite],
+        &[
+            Bind::Uniform,
+            Bind::StorageRead,
+            Bind::StorageRead,
+            Bind::StorageReadWrite,
+        ],
     )?;
     let grid = grid_2d(ctx, op, rows)?;
-    let p = RmsNormParams { rows: rows as u32, len: row_len as u32, eps, groups_x: grid[0] };
+    let p = RmsNormParams {
+        rows: rows as u32,
+        len: row_len as u32,
+        eps,
+        groups_x: grid[0],
+    };
     let pbuf = params(ctx, "rms_norm_rows params", &p);
-    let bind = ctx.bind_group(&kernel, &[whole(&pbuf), whole(&x.buffer), whole(&weight.buffer), whole(&out.buffer)]);
+    let bind = ctx.bind_group(
+        &kernel,
+        &[
+            whole(&pbuf),
+            whole(&x.buffer),
+            whole(&weight.buffer),
+            whole(&out.buffer),
+        ],
+    );
     enc.dispatch(op, &kernel.pipeline, &bind, grid);
     Ok(())
 }
@@ -376,10 +441,13 @@ fn rope_table(ctx: &GpuContext, theta: f32, d: usize) -> Result<std::sync::Arc<w
     if let Some(b) = tables.get(&key) {
         return Ok(b.clone());
     }
-    let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
-    let buf = std::sync::Arc::new(
-        ctx.upload_bytes(&format!("rope inv_freq theta={theta} D={d}"), bytemuck::cast_slice(&inv_freq))?,
-    );
+    let inv_freq: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+        .collect();
+    let buf = std::sync::Arc::new(ctx.upload_bytes(
+        &format!("rope inv_freq theta={theta} D={d}"),
+        bytemuck::cast_slice(&inv_freq),
+    )?);
     tables.insert(key, buf.clone());
     Ok(buf)
 }
@@ -405,7 +473,10 @@ pub fn rope_heads(
     }
     let t = positions.numel();
     if x.numel() != t * heads * head_dim {
-        return Err(invalid(format!("{op}: x {:?} is not ({t} tokens, {heads} heads, {head_dim})", x.shape)));
+        return Err(invalid(format!(
+            "{op}: x {:?} is not ({t} tokens, {heads} heads, {head_dim})",
+            x.shape
+        )));
     }
     if !(theta.is_finite() && theta > 0.0) {
         return Err(invalid(format!("{op}: theta {theta} must be positive")));
@@ -413,7 +484,12 @@ pub fn rope_heads(
     let table = rope_table(ctx, theta, head_dim)?;
     let kernel = ctx.kernel(
         &ShaderSpec::new("rope_heads_f32.wgsl", "main"),
-        &[Bind::Uniform, Bind::StorageReadWrite, Bind::StorageRead, Bind::StorageRead],
+        &[
+            Bind::Uniform,
+            Bind::StorageReadWrite,
+            Bind::StorageRead,
+            Bind::StorageRead,
+        ],
     )?;
     let grid = grid_2d(ctx, op, (t * heads * head_dim / 2).div_ceil(ELEMENTWISE_WG))?;
     let p = RopeParams {
@@ -425,7 +501,10 @@ pub fn rope_heads(
         _pad: [0; 3],
     };
     let pbuf = params(ctx, "rope_heads params", &p);
-    let bind = ctx.bind_group(&kernel, &[whole(&pbuf), whole(&x.buffer), whole(&positions.buffer), whole(&table)]);
+    let bind = ctx.bind_group(
+        &kernel,
+        &[whole(&pbuf), whole(&x.buffer), whole(&positions.buffer), whole(&table)],
+    );
     enc.dispatch(op, &kernel.pipeline, &bind, grid);
     Ok(())
 }
@@ -443,7 +522,10 @@ struct ElementwiseParams {
 
 fn same_size(op: &str, a: (&str, &GpuTensor), b: (&str, &GpuTensor)) -> Result<()> {
     if a.1.numel() != b.1.numel() {
-        return Err(invalid(format!("{op}: `{}` {:?} and `{}` {:?} differ in size", a.0, a.1.shape, b.0, b.1.shape)));
+        return Err(invalid(format!(
+            "{op}: `{}` {:?} and `{}` {:?} differ in size",
+            a.0, a.1.shape, b.0, b.1.shape
+        )));
     }
     Ok(())
 }
@@ -458,12 +540,24 @@ pub fn silu_mul(ctx: &GpuContext, enc: &mut GpuEncoder, g: &GpuTensor, u: &GpuTe
     same_size(op, ("g", g), ("h", h))?;
     let kernel = ctx.kernel(
         &ShaderSpec::new("silu_mul_f32.wgsl", "main"),
-        &[Bind::Uniform, Bind::StorageRead, Bind::StorageRead, Bind::StorageReadWrite],
+        &[
+            Bind::Uniform,
+            Bind::StorageRead,
+            Bind::StorageRead,
+            Bind::StorageReadWrite,
+        ],
     )?;
     let grid = grid_2d(ctx, op, g.numel().div_ceil(ELEMENTWISE_WG))?;
-    let p = ElementwiseParams { n: g.numel() as u32, groups_x: grid[0], _pad: [0; 2] };
+    let p = ElementwiseParams {
+        n: g.numel() as u32,
+        groups_x: grid[0],
+        _pad: [0; 2],
+    };
     let pbuf = params(ctx, "silu_mul params", &p);
-    let bind = ctx.bind_group(&kernel, &[whole(&pbuf), whole(&g.buffer), whole(&u.buffer), whole(&h.buffer)]);
+    let bind = ctx.bind_group(
+        &kernel,
+        &[whole(&pbuf), whole(&g.buffer), whole(&u.buffer), whole(&h.buffer)],
+    );
     enc.dispatch(op, &kernel.pipeline, &bind, grid);
     Ok(())
 }
@@ -479,7 +573,11 @@ pub fn add(ctx: &GpuContext, enc: &mut GpuEncoder, x: &GpuTensor, y: &GpuTensor)
         &[Bind::Uniform, Bind::StorageReadWrite, Bind::StorageRead],
     )?;
     let grid = grid_2d(ctx, op, x.numel().div_ceil(ELEMENTWISE_WG))?;
-    let p = ElementwiseParams { n: x.numel() as u32, groups_x: grid[0], _pad: [0; 2] };
+    let p = ElementwiseParams {
+        n: x.numel() as u32,
+        groups_x: grid[0],
+        _pad: [0; 2],
+    };
     let pbuf = params(ctx, "add params", &p);
     let bind = ctx.bind_group(&kernel, &[whole(&pbuf), whole(&x.buffer), whole(&y.buffer)]);
     enc.dispatch(op, &kernel.pipeline, &bind, grid);

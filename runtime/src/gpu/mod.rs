@@ -42,8 +42,8 @@ pub mod weights;
 mod tests;
 
 pub use bench::{bench_cpu_matmul, bench_matmul};
-pub use engine::{GpuModel, GpuSequence, KV_PAGE, StepStats};
 pub use context::{Elem, GpuContext, GpuEncoder, GpuFeatures, GpuOptions, GpuTensor};
+pub use engine::{GpuModel, GpuSequence, KV_PAGE, StepStats};
 pub use kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
 pub use pipelines::{DefineValue, ShaderSpec};
 pub use weights::GpuMatrix;

@@ -40,7 +40,9 @@ impl GpuExperts {
     /// Uploads one (N, C) tensor per expert; all must share shape and format.
     /// F16/BF16 are widened to F32, as [`crate::gpu::GpuMatrix`] does.
     pub fn upload(ctx: &GpuContext, name: &str, experts: &[&QTensor]) -> Result<GpuExperts> {
-        let first = experts.first().ok_or_else(|| invalid(format!("experts `{name}`: no experts")))?;
+        let first = experts
+            .first()
+            .ok_or_else(|| invalid(format!("experts `{name}`: no experts")))?;
         let (rows, cols, src) = (first.rows(), first.cols(), first.dtype);
         for t in experts {
             if t.rows() != rows || t.cols() != cols || t.dtype != src {
@@ -51,14 +53,19 @@ impl GpuExperts {
             }
         }
         if experts.len() > MAX_EXPERTS {
-            return Err(invalid(format!("experts `{name}`: {} experts, at most {MAX_EXPERTS} supported", experts.len())));
+            return Err(invalid(format!(
+                "experts `{name}`: {} experts, at most {MAX_EXPERTS} supported",
+                experts.len()
+            )));
         }
         let dtype = match src {
             DType::F16 | DType::BF16 => DType::F32,
             d => d,
         };
         if dtype.is_quantized() && !cols.is_multiple_of(dtype.block().0) {
-            return Err(invalid(format!("experts `{name}`: rows of {cols} values are not whole {dtype} blocks")));
+            return Err(invalid(format!(
+                "experts `{name}`: rows of {cols} values are not whole {dtype} blocks"
+            )));
         }
         let row_bytes = dtype.bytes_for(cols);
         let expert_bytes = rows * row_bytes;
@@ -87,7 +94,15 @@ impl GpuExperts {
             let label = format!("{name} experts {e0}..{} ({dtype})", e0 + group.len());
             chunks.push((ctx.upload_bytes(&label, &bytes)?, e0, group.len()));
         }
-        Ok(GpuExperts { name: name.to_string(), experts: experts.len(), rows, cols, dtype, row_bytes, chunks })
+        Ok(GpuExperts {
+            name: name.to_string(),
+            experts: experts.len(),
+            rows,
+            cols,
+            dtype,
+            row_bytes,
+            chunks,
+        })
     }
 
     /// Bytes of one expert's weights: what a step reads per active expert.
@@ -168,7 +183,12 @@ pub fn route_topk(ctx: &GpuContext, enc: &mut GpuEncoder, r: &Routing, renormali
     let (t, e, k) = routing_dims(op, r)?;
     let kernel = ctx.kernel(
         &ShaderSpec::new("moe_route_topk_f32.wgsl", "main"),
-        &[Bind::Uniform, Bind::StorageRead, Bind::StorageReadWrite, Bind::StorageReadWrite],
+        &[
+            Bind::Uniform,
+            Bind::StorageRead,
+            Bind::StorageReadWrite,
+            Bind::StorageReadWrite,
+        ],
     )?;
     let grid = grid_2d(ctx, op, t.div_ceil(64))?;
     let p = RouteParams {
@@ -182,7 +202,12 @@ pub fn route_topk(ctx: &GpuContext, enc: &mut GpuEncoder, r: &Routing, renormali
     let pbuf = params(ctx, "route_topk params", &p);
     let bind = ctx.bind_group(
         &kernel,
-        &[whole(&pbuf), whole(&r.logits.buffer), whole(&r.ids.buffer), whole(&r.weights.buffer)],
+        &[
+            whole(&pbuf),
+            whole(&r.logits.buffer),
+            whole(&r.ids.buffer),
+            whole(&r.weights.buffer),
+        ],
     );
     enc.dispatch(op, &kernel.pipeline, &bind, grid);
     Ok(())
@@ -204,7 +229,9 @@ fn routing_dims(op: &str, r: &Routing) -> Result<(usize, usize, usize)> {
         )));
     }
     if e > MAX_EXPERTS || k == 0 || k > MAX_TOP_K || k > e {
-        return Err(invalid(format!("{op}: E = {e}, K = {k}; need 1 <= K <= min(E, {MAX_TOP_K}), E <= {MAX_EXPERTS}")));
+        return Err(invalid(format!(
+            "{op}: E = {e}, K = {k}; need 1 <= K <= min(E, {MAX_TOP_K}), E <= {MAX_EXPERTS}"
+        )));
     }
     Ok((t, e, k))
 }
@@ -225,9 +252,10 @@ struct GroupParams {
 pub fn group_by_expert(ctx: &GpuContext, enc: &mut GpuEncoder, r: &Routing, g: &Grouping) -> Result<()> {
     let op = "group_by_expert";
     let (t, e, k) = routing_dims(op, r)?;
-    if g.offsets.numel() != e + 1 || g.list.numel() != t * k || g.order.numel() != t * k || g.order_w.numel() != t * k
-    {
-        return Err(invalid(format!("{op}: grouping buffers are not sized for T = {t}, E = {e}, K = {k}")));
+    if g.offsets.numel() != e + 1 || g.list.numel() != t * k || g.order.numel() != t * k || g.order_w.numel() != t * k {
+        return Err(invalid(format!(
+            "{op}: grouping buffers are not sized for T = {t}, E = {e}, K = {k}"
+        )));
     }
     let kernel = ctx.kernel(
         &ShaderSpec::new("moe_group_u32.wgsl", "main"),
@@ -242,7 +270,12 @@ pub fn group_by_expert(ctx: &GpuContext, enc: &mut GpuEncoder, r: &Routing, g: &
             Bind::StorageReadWrite,
         ],
     )?;
-    let p = GroupParams { t: t as u32, e: e as u32, k: k as u32, _pad: 0 };
+    let p = GroupParams {
+        t: t as u32,
+        e: e as u32,
+        k: k as u32,
+        _pad: 0,
+    };
     let pbuf = params(ctx, "group_by_expert params", &p);
     let bind = ctx.bind_group(
         &kernel,
@@ -307,13 +340,25 @@ pub fn moe_matmul(
         MoeInput::Grouped => t * k,
     };
     if x.numel() != x_rows * w.cols {
-        return Err(invalid(format!("{op}: x has shape {:?}, expected ({x_rows}, {})", x.shape, w.cols)));
+        return Err(invalid(format!(
+            "{op}: x has shape {:?}, expected ({x_rows}, {})",
+            x.shape, w.cols
+        )));
     }
     if y.numel() != t * k * w.rows {
-        return Err(invalid(format!("{op}: y has shape {:?}, expected ({}, {})", y.shape, t * k, w.rows)));
+        return Err(invalid(format!(
+            "{op}: y has shape {:?}, expected ({}, {})",
+            y.shape,
+            t * k,
+            w.rows
+        )));
     }
     if g.offsets.numel() != w.experts + 1 || g.list.numel() != t * k {
-        return Err(invalid(format!("{op}: grouping is not for {} experts and {} assignments", w.experts, t * k)));
+        return Err(invalid(format!(
+            "{op}: grouping is not for {} experts and {} assignments",
+            w.experts,
+            t * k
+        )));
     }
     let tile_t = matmul_tile_t(t);
     let spec = ShaderSpec::new("moe_matmul_nt_wq.wgsl", "main")
@@ -395,11 +440,17 @@ pub fn moe_combine(
     let (t, k) = (g.order.shape[0], g.order.shape[1]);
     let c = x.numel() / t.max(1);
     if x.numel() != t * c || y.numel() != t * k * c {
-        return Err(invalid(format!("{op}: x {:?} / y {:?} do not match T = {t}, K = {k}", x.shape, y.shape)));
+        return Err(invalid(format!(
+            "{op}: x {:?} / y {:?} do not match T = {t}, K = {k}",
+            x.shape, y.shape
+        )));
     }
     if let Some((s, gate)) = shared {
         if s.numel() != t * c || gate.numel() != t {
-            return Err(invalid(format!("{op}: shared {:?} / gate {:?} do not match T = {t}", s.shape, gate.shape)));
+            return Err(invalid(format!(
+                "{op}: shared {:?} / gate {:?} do not match T = {t}",
+                s.shape, gate.shape
+            )));
         }
     }
     let kernel = ctx.kernel(

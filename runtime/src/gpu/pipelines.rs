@@ -24,27 +24,69 @@ use crate::gpu::context::GpuContext;
 
 /// Every shader file, by name. Kernels refer to files by these names.
 const SHADERS: &[(&str, &str)] = &[
-    ("dequant_common.wgsl", include_str!("../../../shaders/dequant_common.wgsl")),
+    (
+        "dequant_common.wgsl",
+        include_str!("../../../shaders/dequant_common.wgsl"),
+    ),
     ("dequant_f32.wgsl", include_str!("../../../shaders/dequant_f32.wgsl")),
     ("dequant_q8_0.wgsl", include_str!("../../../shaders/dequant_q8_0.wgsl")),
     ("dequant_q4_0.wgsl", include_str!("../../../shaders/dequant_q4_0.wgsl")),
     ("dequant_q4_1.wgsl", include_str!("../../../shaders/dequant_q4_1.wgsl")),
     ("matmul_nt_wq.wgsl", include_str!("../../../shaders/matmul_nt_wq.wgsl")),
-    ("matmul_x_storage.wgsl", include_str!("../../../shaders/matmul_x_storage.wgsl")),
-    ("matmul_x_uniform.wgsl", include_str!("../../../shaders/matmul_x_uniform.wgsl")),
-    ("embed_rows_wq.wgsl", include_str!("../../../shaders/embed_rows_wq.wgsl")),
-    ("rms_norm_rows_f32.wgsl", include_str!("../../../shaders/rms_norm_rows_f32.wgsl")),
-    ("rope_heads_f32.wgsl", include_str!("../../../shaders/rope_heads_f32.wgsl")),
+    (
+        "matmul_x_storage.wgsl",
+        include_str!("../../../shaders/matmul_x_storage.wgsl"),
+    ),
+    (
+        "matmul_x_uniform.wgsl",
+        include_str!("../../../shaders/matmul_x_uniform.wgsl"),
+    ),
+    (
+        "embed_rows_wq.wgsl",
+        include_str!("../../../shaders/embed_rows_wq.wgsl"),
+    ),
+    (
+        "rms_norm_rows_f32.wgsl",
+        include_str!("../../../shaders/rms_norm_rows_f32.wgsl"),
+    ),
+    (
+        "rope_heads_f32.wgsl",
+        include_str!("../../../shaders/rope_heads_f32.wgsl"),
+    ),
     ("silu_mul_f32.wgsl", include_str!("../../../shaders/silu_mul_f32.wgsl")),
     ("add_f32.wgsl", include_str!("../../../shaders/add_f32.wgsl")),
-    ("moe_route_topk_f32.wgsl", include_str!("../../../shaders/moe_route_topk_f32.wgsl")),
-    ("moe_group_u32.wgsl", include_str!("../../../shaders/moe_group_u32.wgsl")),
-    ("moe_matmul_nt_wq.wgsl", include_str!("../../../shaders/moe_matmul_nt_wq.wgsl")),
-    ("moe_combine_f32.wgsl", include_str!("../../../shaders/moe_combine_f32.wgsl")),
-    ("kv_append_f32.wgsl", include_str!("../../../shaders/kv_append_f32.wgsl")),
-    ("attention_split_f32.wgsl", include_str!("../../../shaders/attention_split_f32.wgsl")),
-    ("attention_merge_f32.wgsl", include_str!("../../../shaders/attention_merge_f32.wgsl")),
-    ("gather_rows_f32.wgsl", include_str!("../../../shaders/gather_rows_f32.wgsl")),
+    (
+        "moe_route_topk_f32.wgsl",
+        include_str!("../../../shaders/moe_route_topk_f32.wgsl"),
+    ),
+    (
+        "moe_group_u32.wgsl",
+        include_str!("../../../shaders/moe_group_u32.wgsl"),
+    ),
+    (
+        "moe_matmul_nt_wq.wgsl",
+        include_str!("../../../shaders/moe_matmul_nt_wq.wgsl"),
+    ),
+    (
+        "moe_combine_f32.wgsl",
+        include_str!("../../../shaders/moe_combine_f32.wgsl"),
+    ),
+    (
+        "kv_append_f32.wgsl",
+        include_str!("../../../shaders/kv_append_f32.wgsl"),
+    ),
+    (
+        "attention_split_f32.wgsl",
+        include_str!("../../../shaders/attention_split_f32.wgsl"),
+    ),
+    (
+        "attention_merge_f32.wgsl",
+        include_str!("../../../shaders/attention_merge_f32.wgsl"),
+    ),
+    (
+        "gather_rows_f32.wgsl",
+        include_str!("../../../shaders/gather_rows_f32.wgsl"),
+    ),
     ("clamp_f32.wgsl", include_str!("../../../shaders/clamp_f32.wgsl")),
 ];
 
@@ -102,7 +144,12 @@ pub struct ShaderSpec {
 
 impl ShaderSpec {
     pub fn new(file: &'static str, entry: &'static str) -> Self {
-        ShaderSpec { file, entry, includes: Vec::new(), defines: Vec::new() }
+        ShaderSpec {
+            file,
+            entry,
+            includes: Vec::new(),
+            defines: Vec::new(),
+        }
     }
 
     pub fn include(mut self, file: &'static str) -> Self {
@@ -123,7 +170,10 @@ impl ShaderSpec {
 
     /// The defines as sorted `NAME=value` strings (for labels and messages).
     pub fn define_list(&self) -> Vec<String> {
-        self.defines.iter().map(|(n, v)| format!("{n}={}", v.literal())).collect()
+        self.defines
+            .iter()
+            .map(|(n, v)| format!("{n}={}", v.literal()))
+            .collect()
     }
 
     /// A readable label such as `matmul_nt_wq.wgsl:main[TILE_T=8u]+dequant_q8_0.wgsl`.
@@ -248,7 +298,11 @@ impl GpuContext {
             });
             (pipeline, layout)
         })?;
-        Ok(Kernel { pipeline, layout, label })
+        Ok(Kernel {
+            pipeline,
+            layout,
+            label,
+        })
     }
 
     /// A bind group for `kernel` with `buffers[i]` (whole buffer or a byte

@@ -43,7 +43,10 @@ struct MaxErr {
 
 impl MaxErr {
     fn max(self, o: MaxErr) -> MaxErr {
-        MaxErr { abs: self.abs.max(o.abs), rel: self.rel.max(o.rel) }
+        MaxErr {
+            abs: self.abs.max(o.abs),
+            rel: self.rel.max(o.rel),
+        }
     }
 }
 
@@ -68,7 +71,10 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], cols: usize, tol: f32) ->
             i / cols,
             i % cols
         );
-        max = max.max(MaxErr { abs: err, rel: err / (1.0 + w.abs()) });
+        max = max.max(MaxErr {
+            abs: err,
+            rel: err / (1.0 + w.abs()),
+        });
     }
     max
 }
@@ -85,7 +91,14 @@ fn weight(dtype: DType, n: usize, c: usize, seed: u64) -> QTensor {
     QTensor::from_bytes(format!("w{n}x{c}.{dtype}"), dtype, vec![n, c], quantize(dtype, &w))
 }
 
-const ALL_DTYPES: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+const ALL_DTYPES: [DType; 6] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+];
 
 /// Runs the GPU matmul and QLinear::forward on the same inputs and compares,
 /// once with x bound as the kernel prefers and once forced into storage.
@@ -103,9 +116,14 @@ fn check_matmul_x(ctx: &GpuContext, w: &QTensor, gw: &GpuMatrix, t: usize, with_
     let gx = ctx.upload_f32("x", &x, &[t, c]).unwrap();
     let gb = bias.as_ref().map(|b| ctx.upload_f32("bias", b, &[n]).unwrap());
     let gy = ctx.zeros_f32("y", &[t, n]).unwrap();
-    run(ctx, "matmul test", |enc| kernels::matmul_nt_with(ctx, enc, &gx, gw, gb.as_ref(), &gy, uniform_x));
+    run(ctx, "matmul test", |enc| {
+        kernels::matmul_nt_with(ctx, enc, &gx, gw, gb.as_ref(), &gy, uniform_x)
+    });
     let got = ctx.read_f32(&gy).unwrap();
-    let what = format!("matmul {} N={n} C={c} T={t} bias={with_bias} uniform_x={uniform_x}", w.dtype);
+    let what = format!(
+        "matmul {} N={n} C={c} T={t} bias={with_bias} uniform_x={uniform_x}",
+        w.dtype
+    );
     assert_close(&what, &got, &want, n, 1e-4)
 }
 
@@ -152,7 +170,11 @@ fn matmul_splits_large_weights_into_chunks() {
         // Room for exactly 64 rows (plus the spare word) per chunk.
         let limit = (64 * gpu_row_bytes + 8) as u64;
         let gw = GpuMatrix::upload_with_chunk_limit(ctx, &w, limit).unwrap();
-        assert_eq!(gw.chunk_rows(), vec![(0, 64), (64, 64), (128, 64), (192, 8)], "{dtype} chunks");
+        assert_eq!(
+            gw.chunk_rows(),
+            vec![(0, 64), (64, 64), (128, 64), (192, 8)],
+            "{dtype} chunks"
+        );
         let mut max_err = MaxErr::default();
         for t in [1, 3, 37] {
             max_err = max_err.max(check_matmul(ctx, &w, &gw, t, true));
@@ -189,8 +211,11 @@ fn embed_rows_matches_dequantize_row() {
     let (v, c) = (300, 96);
     for dtype in ALL_DTYPES {
         let table = weight(dtype, v, c, 31);
-        let gpu_row_bytes =
-            if matches!(dtype, DType::F16 | DType::BF16 | DType::F32) { 4 * c } else { dtype.bytes_for(c) };
+        let gpu_row_bytes = if matches!(dtype, DType::F16 | DType::BF16 | DType::F32) {
+            4 * c
+        } else {
+            dtype.bytes_for(c)
+        };
         // Whole and split into 64-row chunks: both must gather the same rows.
         for limit in [None, Some((64 * gpu_row_bytes + 8) as u64)] {
             let gt = match limit {
@@ -198,7 +223,9 @@ fn embed_rows_matches_dequantize_row() {
                 Some(l) => GpuMatrix::upload_with_chunk_limit(ctx, &table, l).unwrap(),
             };
             for t in [1usize, 3, 8, 37] {
-                let ids: Vec<u32> = (0..t).map(|i| (([0, v - 1, 64, 63, 200][i % 5] + i / 5) % v) as u32).collect();
+                let ids: Vec<u32> = (0..t)
+                    .map(|i| (([0, v - 1, 64, 63, 200][i % 5] + i / 5) % v) as u32)
+                    .collect();
                 let mut want = vec![0f32; t * c];
                 for (row, &id) in want.chunks_mut(c).zip(&ids) {
                     table.dequantize_row(id as usize, row);
@@ -230,9 +257,17 @@ fn rms_norm_rows_matches_cpu() {
         let gx = ctx.upload_f32("x", &x, &[t, len]).unwrap();
         let gw = ctx.upload_f32("w", &w, &[len]).unwrap();
         let out = ctx.zeros_f32("out", &[t, len]).unwrap();
-        run(ctx, "rms_norm test", |enc| rms_norm_rows(ctx, enc, &gx, &gw, &out, len, eps));
+        run(ctx, "rms_norm test", |enc| {
+            rms_norm_rows(ctx, enc, &gx, &gw, &out, len, eps)
+        });
         let got = ctx.read_f32(&out).unwrap();
-        max_err = max_err.max(assert_close(&format!("rms_norm rows={t} len={len}"), &got, &want, len, 1e-5));
+        max_err = max_err.max(assert_close(
+            &format!("rms_norm rows={t} len={len}"),
+            &got,
+            &want,
+            len,
+            1e-5,
+        ));
     }
     eprintln!("rms_norm_rows: {max_err} (tolerance 1e-5 * (1 + |ref|))");
 }
@@ -242,10 +277,17 @@ fn rope_heads_matches_cpu_for_both_pairings() {
     let Some(ctx) = ctx() else { return };
     let mut max_err = MaxErr::default();
     for style in [RopeStyle::NeoX, RopeStyle::Interleaved] {
-        for (t, h, d, theta) in [(1, 4, 64, 10000.0), (3, 2, 128, 1e6), (37, 3, 64, 100000.0), (8, 1, 8, 10000.0)] {
+        for (t, h, d, theta) in [
+            (1, 4, 64, 10000.0),
+            (3, 2, 128, 1e6),
+            (37, 3, 64, 100000.0),
+            (8, 1, 8, 10000.0),
+        ] {
             let x = seeded(t * h * d, 51);
             // Positions from 0 to large ones, where angle errors would show.
-            let pos: Vec<u32> = (0..t as u32).map(|i| [0, 1, 17, 4095, 32767, 131071][i as usize % 6] + i).collect();
+            let pos: Vec<u32> = (0..t as u32)
+                .map(|i| [0, 1, 17, 4095, 32767, 131071][i as usize % 6] + i)
+                .collect();
             let mut want = x.clone();
             for (ti, &p) in pos.iter().enumerate() {
                 for hh in 0..h {
@@ -255,7 +297,9 @@ fn rope_heads_matches_cpu_for_both_pairings() {
             }
             let gx = ctx.upload_f32("x", &x, &[t, h, d]).unwrap();
             let gp = ctx.upload_u32("pos", &pos, &[t]).unwrap();
-            run(ctx, "rope test", |enc| rope_heads(ctx, enc, &gx, &gp, h, d, theta, style));
+            run(ctx, "rope test", |enc| {
+                rope_heads(ctx, enc, &gx, &gp, h, d, theta, style)
+            });
             let got = ctx.read_f32(&gx).unwrap();
             let what = format!("rope {style:?} T={t} H={h} D={d} theta={theta}");
             max_err = max_err.max(assert_close(&what, &got, &want, d, 1e-5));
@@ -276,11 +320,23 @@ fn silu_mul_and_add_match_cpu() {
         let gu = ctx.upload_f32("u", &u, &[n]).unwrap();
         let gh = ctx.zeros_f32("h", &[n]).unwrap();
         run(ctx, "silu_mul test", |enc| silu_mul(ctx, enc, &gg, &gu, &gh));
-        silu_err = silu_err.max(assert_close(&format!("silu_mul n={n}"), &ctx.read_f32(&gh).unwrap(), &want, n, 1e-5));
+        silu_err = silu_err.max(assert_close(
+            &format!("silu_mul n={n}"),
+            &ctx.read_f32(&gh).unwrap(),
+            &want,
+            n,
+            1e-5,
+        ));
 
         let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g + u).collect();
         run(ctx, "add test", |enc| add(ctx, enc, &gg, &gu));
-        add_err = add_err.max(assert_close(&format!("add n={n}"), &ctx.read_f32(&gg).unwrap(), &want, n, 0.0));
+        add_err = add_err.max(assert_close(
+            &format!("add n={n}"),
+            &ctx.read_f32(&gg).unwrap(),
+            &want,
+            n,
+            0.0,
+        ));
     }
     eprintln!("silu_mul: {silu_err} (tolerance 1e-5 * (1 + |ref|)); add: {add_err} (exact)");
 }
@@ -303,7 +359,13 @@ fn elementwise_grid_folds_past_65535_workgroups() {
 #[test]
 fn pipeline_cache_reuses_equal_keys_only() {
     let Some(ctx) = ctx() else { return };
-    let binds = [Bind::Uniform, Bind::StorageRead, Bind::StorageRead, Bind::StorageRead, Bind::StorageReadWrite];
+    let binds = [
+        Bind::Uniform,
+        Bind::StorageRead,
+        Bind::StorageRead,
+        Bind::StorageRead,
+        Bind::StorageReadWrite,
+    ];
     let spec = |tile: u32| {
         ShaderSpec::new("matmul_nt_wq.wgsl", "main")
             .include("dequant_common.wgsl")
@@ -326,7 +388,10 @@ fn pipeline_cache_reuses_equal_keys_only() {
     assert!(Arc::ptr_eq(&a, &ctx.kernel(&reordered, &binds).unwrap()));
     let c = ctx.kernel(&spec(4), &binds).unwrap();
     assert!(!Arc::ptr_eq(&a, &c), "different defines, different pipelines");
-    assert_eq!(spec(4).define_list(), vec!["TILE_T=4u".to_string(), "WG_ROWS=64u".to_string()]);
+    assert_eq!(
+        spec(4).define_list(),
+        vec!["TILE_T=4u".to_string(), "WG_ROWS=64u".to_string()]
+    );
     assert!(ctx.pipelines.len() >= 2);
 }
 
@@ -339,7 +404,13 @@ fn shader_errors_come_back_as_gpu_errors() {
         .include("dequant_q8_0.wgsl")
         .include("matmul_x_storage.wgsl")
         .define_u32("WG_ROWS", 64);
-    let binds = [Bind::Uniform, Bind::StorageRead, Bind::StorageRead, Bind::StorageRead, Bind::StorageReadWrite];
+    let binds = [
+        Bind::Uniform,
+        Bind::StorageRead,
+        Bind::StorageRead,
+        Bind::StorageRead,
+        Bind::StorageReadWrite,
+    ];
     let err = ctx.kernel(&spec, &binds).unwrap_err();
     assert!(matches!(err, crate::Error::Gpu(_)), "{err:?}");
     assert!(err.to_string().contains("matmul_nt_wq.wgsl"), "{err}");
@@ -350,9 +421,15 @@ fn adapter_filter_that_matches_nothing_is_a_clear_error() {
     if ctx().is_none() {
         return;
     }
-    let opts = GpuOptions { adapter_name: Some("no-such-adapter-xyz".into()), ..GpuOptions::default() };
+    let opts = GpuOptions {
+        adapter_name: Some("no-such-adapter-xyz".into()),
+        ..GpuOptions::default()
+    };
     let err = GpuContext::new(opts).unwrap_err().to_string();
-    assert!(err.contains("no adapter name contains `no-such-adapter-xyz`; available:"), "{err}");
+    assert!(
+        err.contains("no adapter name contains `no-such-adapter-xyz`; available:"),
+        "{err}"
+    );
 }
 
 /// Not a test: prints the matmul benchmark figures. Run with

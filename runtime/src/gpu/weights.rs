@@ -54,7 +54,10 @@ impl GpuMatrix {
     pub fn upload_with_chunk_limit(ctx: &GpuContext, t: &QTensor, max_chunk_bytes: u64) -> Result<GpuMatrix> {
         let (rows, cols) = (t.rows(), t.cols());
         if rows == 0 || cols == 0 {
-            return Err(Error::InvalidArgument(format!("GpuMatrix `{}`: empty shape {:?}", t.name, t.shape)));
+            return Err(Error::InvalidArgument(format!(
+                "GpuMatrix `{}`: empty shape {:?}",
+                t.name, t.shape
+            )));
         }
         let dtype = match t.dtype {
             DType::F16 | DType::BF16 => DType::F32,
@@ -79,7 +82,10 @@ impl GpuMatrix {
         // Row offsets inside a chunk are u32 in the shaders.
         let chunk_bytes = rows_per_chunk * row_bytes + SPARE_BYTES;
         if chunk_bytes > u32::MAX as usize {
-            return Err(Error::Gpu(format!("GpuMatrix `{}`: a chunk of {chunk_bytes} bytes is too big", t.name)));
+            return Err(Error::Gpu(format!(
+                "GpuMatrix `{}`: a chunk of {chunk_bytes} bytes is too big",
+                t.name
+            )));
         }
 
         let mut chunks = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
@@ -96,7 +102,11 @@ impl GpuMatrix {
                 // F16/BF16 widened to F32.
                 let src_row_bytes = t.dtype.bytes_for(cols);
                 let mut f = vec![0f32; n * cols];
-                dequantize(t.dtype, &t.bytes()[row0 * src_row_bytes..(row0 + n) * src_row_bytes], &mut f);
+                dequantize(
+                    t.dtype,
+                    &t.bytes()[row0 * src_row_bytes..(row0 + n) * src_row_bytes],
+                    &mut f,
+                );
                 bytemuck::cast_slice(&f).to_vec()
             };
             bytes.resize(n * row_bytes + SPARE_BYTES, 0);
@@ -104,7 +114,14 @@ impl GpuMatrix {
             chunks.push(WeightChunk { buffer, row0, rows: n });
             row0 += n;
         }
-        Ok(GpuMatrix { name: t.name.clone(), rows, cols, dtype, row_bytes, chunks })
+        Ok(GpuMatrix {
+            name: t.name.clone(),
+            rows,
+            cols,
+            dtype,
+            row_bytes,
+            chunks,
+        })
     }
 
     /// `(first row, rows)` of each chunk.
