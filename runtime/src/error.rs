@@ -48,11 +48,7 @@ pub enum Error {
     },
 
     #[error("tensor `{name}` in {path}: unsupported dtype {dtype}")]
-    DType {
-        path: PathBuf,
-        name: String,
-        dtype: String,
-    },
+    DType { path: PathBuf, name: String, dtype: String },
 
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
@@ -60,9 +56,7 @@ pub enum Error {
     #[error("chat template: {0}")]
     ChatTemplate(String),
 
-    #[error(
-        "prompt and generation need {requested} positions, but the model's context length is {limit}"
-    )]
+    #[error("prompt and generation need {requested} positions, but the model's context length is {limit}")]
     ContextOverflow { requested: usize, limit: usize },
 
     #[error("token id {id} is outside the vocabulary (size {vocab})")]

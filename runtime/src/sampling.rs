@@ -301,10 +301,7 @@ mod tests {
             assert_eq!(hot.sample(&l).unwrap(), 1);
         }
         let bad = [f32::NAN, f32::NEG_INFINITY, f32::NAN];
-        assert!(matches!(
-            greedy.sample(&bad),
-            Err(Error::InvalidArgument(_))
-        ));
+        assert!(matches!(greedy.sample(&bad), Err(Error::InvalidArgument(_))));
         assert!(matches!(hot.sample(&bad), Err(Error::InvalidArgument(_))));
         assert!(matches!(hot.sample(&[]), Err(Error::InvalidArgument(_))));
     }
@@ -384,11 +381,7 @@ mod tests {
                 assert!(allowed.contains(&t), "k={k}: token {t} not in top k");
                 seen.insert(t);
             }
-            assert_eq!(
-                seen.len(),
-                k,
-                "all top-k tokens should be drawn at a high temperature"
-            );
+            assert_eq!(seen.len(), k, "all top-k tokens should be drawn at a high temperature");
         }
     }
 
@@ -416,10 +409,7 @@ mod tests {
         }
         for (i, (&c, &p)) in counts.iter().zip(&expect).enumerate() {
             let f = c as f64 / n as f64;
-            assert!(
-                (f - p).abs() < 0.02,
-                "token {i}: frequency {f}, softmax {p}"
-            );
+            assert!((f - p).abs() < 0.02, "token {i}: frequency {f}, softmax {p}");
         }
     }
 
