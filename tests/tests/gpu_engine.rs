@@ -128,3 +128,54 @@ fn chunked_prefill_matches_one_step() {
         eprintln!("{fixture} with 4-token steps: {e:.2e}");
     }
 }
+
+/// The KV pool grows past its initial size when sequences need it (the
+/// cached keys and values survive the copy), and shrinks back once every
+/// sequence has been dropped.
+#[test]
+fn kv_cache_grows_and_is_freed() {
+    let Some(ctx) = ctx() else { return };
+    let cpu = load("llama", None);
+    let gpu = GpuModel::upload(ctx, &cpu, |_, _| {}).unwrap();
+    let initial = gpu.kv_cache_bytes();
+    let v = cpu.config.vocab_size as u32;
+    let limit = cpu.config.max_position_embeddings;
+    // Ten sequences of nearly the whole context (128) need 80 pages of 16,
+    // more than the initial 64.
+    let (count, n) = (10, limit - 1);
+    let prompts: Vec<Vec<u32>> = (0..count)
+        .map(|s| (0..n as u32).map(|i| (i * 13 + s * 7 + 1) % v).collect())
+        .collect();
+    let mut cs: Vec<_> = (0..count).map(|_| cpu.new_sequence()).collect();
+    let mut gs: Vec<_> = (0..count).map(|_| gpu.new_sequence()).collect();
+    for (i, p) in prompts.iter().enumerate() {
+        // One sequence at a time, so the pool grows while others hold pages.
+        let a = cpu.forward(&mut [(&mut cs[i], p.as_slice())], Logits::Last).unwrap();
+        let b = gpu.forward(&mut [(&mut gs[i], p.as_slice())], Logits::Last).unwrap();
+        let (e, at) = max_err(&a[0], &b[0]);
+        assert!(e < 1e-4, "sequence {i} after growth: logit {at} err {e}");
+    }
+    let grown = gpu.kv_cache_bytes();
+    assert!(
+        grown > initial,
+        "the pool should have grown: {grown} vs {initial} bytes"
+    );
+    // A decode step for the first three after the growth copies.
+    let toks = [[1u32], [2], [3]];
+    let mut cb: Vec<_> = cs.iter_mut().zip(&toks).map(|(s, t)| (s, t.as_slice())).collect();
+    let mut gb: Vec<_> = gs.iter_mut().zip(&toks).map(|(s, t)| (s, t.as_slice())).collect();
+    let a = cpu.forward(&mut cb, Logits::Last).unwrap();
+    let b = gpu.forward(&mut gb, Logits::Last).unwrap();
+    for i in 0..3 {
+        let (e, at) = max_err(&a[i], &b[i]);
+        assert!(e < 1e-4, "decode after growth, sequence {i}: logit {at} err {e}");
+    }
+    drop(gs);
+    let mut s = gpu.new_sequence();
+    gpu.forward(&mut [(&mut s, &[1u32, 2, 3][..])], Logits::Last).unwrap();
+    assert_eq!(
+        gpu.kv_cache_bytes(),
+        initial,
+        "an idle pool shrinks back to its initial size"
+    );
+}

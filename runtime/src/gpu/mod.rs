@@ -40,6 +40,8 @@ pub mod weights;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_moe_attention;
 
 pub use bench::{bench_cpu_matmul, bench_matmul};
 pub use context::{Elem, GpuContext, GpuEncoder, GpuFeatures, GpuOptions, GpuTensor};

@@ -17,7 +17,7 @@ use crate::model;
 use crate::tensor::{DType, QTensor, quantize};
 
 /// The shared context, or `None` when GPU tests are switched off.
-fn ctx() -> Option<&'static GpuContext> {
+pub(crate) fn ctx() -> Option<&'static GpuContext> {
     if std::env::var("LYNX_SKIP_GPU_TESTS").is_ok_and(|v| v == "1") {
         eprintln!("GPU test skipped: LYNX_SKIP_GPU_TESTS=1");
         return None;
@@ -36,7 +36,7 @@ fn ctx() -> Option<&'static GpuContext> {
 
 /// The largest absolute error and the largest error relative to `1 + |ref|`.
 #[derive(Clone, Copy, Debug, Default)]
-struct MaxErr {
+pub(crate) struct MaxErr {
     abs: f32,
     rel: f32,
 }
@@ -59,7 +59,7 @@ impl std::fmt::Display for MaxErr {
 /// Asserts `|got - want| <= tol * (1 + |want|)` everywhere and returns the
 /// largest errors. The message names the first failing index as (row, col)
 /// of a row-major matrix with `cols` columns.
-fn assert_close(what: &str, got: &[f32], want: &[f32], cols: usize, tol: f32) -> MaxErr {
+pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32], cols: usize, tol: f32) -> MaxErr {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let mut max = MaxErr::default();
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -80,7 +80,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], cols: usize, tol: f32) ->
 }
 
 /// Records the kernels `f` adds to a fresh encoder and submits them.
-fn run(ctx: &GpuContext, label: &str, f: impl FnOnce(&mut GpuEncoder) -> crate::Result<()>) {
+pub(crate) fn run(ctx: &GpuContext, label: &str, f: impl FnOnce(&mut GpuEncoder) -> crate::Result<()>) {
     let mut enc = ctx.encoder(label);
     f(&mut enc).unwrap_or_else(|e| panic!("{label}: {e}"));
     ctx.submit(enc).unwrap_or_else(|e| panic!("{label}: {e}"));
