@@ -90,7 +90,7 @@ pub fn bench_batch(gpu: &mut GpuModel, prompts: &[Vec<u32>], steps: usize) -> Re
         ));
     }
     let cfg = gpu.config.clone();
-    gpu.collect_expert_counts = true;
+    gpu.collect_metrics = true;
     let mut seqs: Vec<_> = (0..b).map(|_| gpu.new_sequence()).collect();
 
     let start = Instant::now();
@@ -112,7 +112,6 @@ pub fn bench_batch(gpu: &mut GpuModel, prompts: &[Vec<u32>], steps: usize) -> Re
     };
     step(&mut seqs, &mut next)?; // Warm-up.
 
-    let expert_bytes = gpu.expert_bytes_per_layer();
     let dense_bytes = gpu.dense_bytes_per_step() as f64;
     let kv_row = (cfg.num_kv_heads * cfg.head_dim * 4 * 2 * cfg.num_layers) as f64;
     let mut distinct = 0.0;
@@ -124,25 +123,14 @@ pub fn bench_batch(gpu: &mut GpuModel, prompts: &[Vec<u32>], steps: usize) -> Re
         let t0 = Instant::now();
         step(&mut seqs, &mut next)?;
         decode_s += t0.elapsed().as_secs_f64();
-        let counts = gpu.last_expert_counts();
-        let mut moe_layers = 0;
-        let mut active_sum = 0.0;
-        let mut bytes = dense_bytes;
-        for (c, eb) in counts.iter().zip(&expert_bytes) {
-            if let Some(eb) = eb {
-                let active = c.iter().filter(|&&n| n > 0).count();
-                bytes += active as f64 * *eb as f64;
-                active_sum += active as f64;
-                moe_layers += 1;
-            }
-        }
-        if moe_layers > 0 {
-            distinct += active_sum / moe_layers as f64;
-        }
-        weight_bytes += bytes;
+        let m = gpu
+            .last_metrics()
+            .ok_or_else(|| Error::Gpu("the step produced no metrics".into()))?;
+        distinct += m.mean_distinct_selected();
+        weight_bytes += dense_bytes + m.expert_bytes() as f64;
         kv_bytes += cached as f64 * kv_row;
     }
-    gpu.collect_expert_counts = false;
+    gpu.collect_metrics = false;
     let n = steps as f64;
     Ok(BenchRow {
         batch: b,

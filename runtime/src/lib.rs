@@ -16,9 +16,11 @@ pub mod gguf;
 pub mod gpu;
 pub mod linear;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod safetensors_dir;
 pub mod sampling;
+pub mod selection;
 pub mod tensor;
 pub mod tokenizer;
 

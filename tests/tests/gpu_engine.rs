@@ -10,6 +10,7 @@
 //! skip on a machine without one.
 
 use lynx::gpu::GpuModel;
+use lynx::selection::ExpertPolicy;
 use lynx::{DType, Logits, Model};
 use lynx_tests::{FIXTURES, fixtures_dir};
 
@@ -178,4 +179,75 @@ fn kv_cache_grows_and_is_freed() {
         initial,
         "an idle pool shrinks back to its initial size"
     );
+}
+
+/// Decode `steps` steps of `b` sequences (fixed token schedule) under a
+/// policy; returns every step's logits.
+fn decode_run(gpu: &GpuModel, b: usize, steps: usize, policy: ExpertPolicy) -> Vec<Vec<Vec<f32>>> {
+    let v = gpu.config.vocab_size as u32;
+    gpu.set_policy(policy).unwrap();
+    let mut seqs: Vec<_> = (0..b).map(|_| gpu.new_sequence()).collect();
+    let prompts: Vec<Vec<u32>> = (0..b as u32).map(|i| (0..3 + i % 4).map(|j| (i * 31 + j * 7 + 1) % v).collect()).collect();
+    let mut out = Vec::new();
+    let mut batch: Vec<_> = seqs.iter_mut().zip(&prompts).map(|(s, p)| (s, p.as_slice())).collect();
+    out.push(gpu.forward(&mut batch, Logits::Last).unwrap());
+    for step in 0..steps as u32 {
+        let toks: Vec<[u32; 1]> = (0..b as u32).map(|i| [(step * 13 + i * 5 + 2) % v]).collect();
+        let mut batch: Vec<_> = seqs.iter_mut().zip(&toks).map(|(s, t)| (s, t.as_slice())).collect();
+        out.push(gpu.forward(&mut batch, Logits::Last).unwrap());
+    }
+    out
+}
+
+#[test]
+fn exact_policy_is_bit_identical_and_lynx_at_batch_one_changes_nothing() {
+    let Some(ctx) = ctx() else { return };
+    let cpu = load("mixtral", None);
+    let mut gpu = GpuModel::upload(ctx, &cpu, |_, _| {}).unwrap();
+    let base = decode_run(&gpu, 4, 3, ExpertPolicy::Exact);
+    // Collecting metrics, and choosing `exact` explicitly, change no bit.
+    gpu.collect_metrics = true;
+    assert_eq!(decode_run(&gpu, 4, 3, ExpertPolicy::Exact), base);
+    // B = 1: every vote scores 1^bin = 1, so Lynx keeps the exact routing.
+    let one = decode_run(&gpu, 1, 3, ExpertPolicy::Exact);
+    assert_eq!(decode_run(&gpu, 1, 3, ExpertPolicy::Lynx(None)), one);
+}
+
+#[test]
+fn lynx_reduces_distinct_experts_only_in_decode_steps() {
+    let Some(ctx) = ctx() else { return };
+    let cpu = load("mixtral", None);
+    let mut gpu = GpuModel::upload(ctx, &cpu, |_, _| {}).unwrap();
+    let exact = decode_run(&gpu, 8, 2, ExpertPolicy::Exact);
+    gpu.collect_metrics = true;
+    let rx = gpu.subscribe();
+    let lynx = decode_run(&gpu, 8, 2, ExpertPolicy::Lynx(None));
+    // The prefill step routes exactly, whatever the policy.
+    assert_eq!(lynx[0], exact[0], "prefill logits under lynx");
+    let steps: Vec<_> = rx.try_iter().collect();
+    assert_eq!(steps.len(), 3);
+    assert!(!steps[0].decode && steps[0].policy == "exact");
+    let (e, k) = (8, 2);
+    let mut reduced = 0;
+    for m in &steps[1..] {
+        assert!(m.decode && m.policy == "lynx", "{m:?}");
+        assert_eq!(m.tokens, 8);
+        for l in &m.layers {
+            assert!(l.distinct_selected <= l.distinct_exact, "layer {}: {l:?}", l.layer);
+            assert!(l.distinct_selected >= k);
+            assert_eq!(l.tokens_per_expert.len(), e);
+            assert_eq!(l.tokens_per_expert.iter().sum::<u32>() as usize, 8 * k);
+            assert_eq!(l.bins.len(), 8 * k);
+            // Top-1 slots are in bin 0 and never remapped.
+            for t in 0..8 {
+                assert_eq!(l.bins[t * k], 0);
+                assert!(!l.remapped[t * k]);
+            }
+            reduced += l.distinct_exact - l.distinct_selected;
+        }
+    }
+    assert!(reduced > 0, "Lynx should drop some experts over 8 tokens, 2 steps and {} layers", cpu.config.num_layers);
+    for row in lynx.iter().flatten() {
+        assert!(row.iter().all(|x| x.is_finite()));
+    }
 }

@@ -38,9 +38,12 @@ use crate::gpu::attention::{AttentionShape, attention, clamp, gather_rows, kv_ap
 use crate::gpu::context::{GpuContext, GpuEncoder, GpuTensor};
 use crate::gpu::kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
 use crate::gpu::moe::{GpuExperts, Grouping, MoeInput, Routing, group_by_expert, moe_combine, moe_matmul, route_topk};
+use crate::gpu::selection::{PolicyBuffers, apply_policy, log_record_len};
 use crate::gpu::weights::GpuMatrix;
 use crate::linear::QLinear;
+use crate::metrics::{LayerMetrics, StepMetrics};
 use crate::model::{Ffn, Logits, Mlp, Model};
+use crate::selection::{ExpertPolicy, Resolved};
 
 /// Tokens per KV-cache page.
 pub const KV_PAGE: usize = 16;
@@ -191,6 +194,9 @@ struct Scratch {
     /// (L, E + 1) u32: each MoE layer's expert offsets of this step, copied
     /// from the grouping after the layer ran (rows of dense layers stay 0).
     expert_offsets: Option<GpuTensor>,
+    /// (L, 1 + 2 * T * K) u32: the selection policy's log per layer (see
+    /// `gpu::selection`).
+    policy_log: Option<GpuTensor>,
 }
 
 impl Scratch {
@@ -208,12 +214,21 @@ impl Scratch {
 struct MoeScratch {
     routing: Routing,
     grouping: Grouping,
+    policy: PolicyBuffers,
     gy: GpuTensor,
     uy: GpuTensor,
     act: GpuTensor,
     dy: GpuTensor,
     /// The shared expert's gate logit (T, 1); its output goes to the MLP scratch.
     shared_gate: Option<GpuTensor>,
+}
+
+/// The name a step's metrics give its policy: `exact` when it routed exactly.
+fn policy_name(resolved: Resolved, policy: ExpertPolicy) -> String {
+    match resolved {
+        Resolved::Exact => "exact".to_string(),
+        _ => policy.to_string(),
+    }
 }
 
 /// Per-step counters, for benchmarks and metrics.
@@ -242,11 +257,13 @@ pub struct GpuModel {
     pub max_step_tokens: usize,
     stats: Mutex<StepStats>,
     scratch: Mutex<Option<Scratch>>,
-    /// When set, every step reads back how many tokens each expert of each
-    /// MoE layer received (one extra small read-back per step); see
-    /// [`GpuModel::last_expert_counts`].
-    pub collect_expert_counts: bool,
-    last_counts: Mutex<Vec<Vec<u32>>>,
+    /// The expert-selection policy for decode steps.
+    policy: Mutex<ExpertPolicy>,
+    /// When set (or while anyone subscribes), every step reads back its
+    /// routing metrics: one extra small read-back per step.
+    pub collect_metrics: bool,
+    subscribers: Mutex<Vec<std::sync::mpsc::Sender<Arc<StepMetrics>>>>,
+    last_metrics: Mutex<Option<Arc<StepMetrics>>>,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -361,8 +378,10 @@ impl GpuModel {
             max_step_tokens: DEFAULT_STEP_TOKENS,
             stats: Mutex::new(StepStats::default()),
             scratch: Mutex::new(None),
-            collect_expert_counts: false,
-            last_counts: Mutex::new(Vec::new()),
+            policy: Mutex::new(ExpertPolicy::Exact),
+            collect_metrics: false,
+            subscribers: Mutex::new(Vec::new()),
+            last_metrics: Mutex::new(None),
         })
     }
 
@@ -431,6 +450,7 @@ impl GpuModel {
                         weights: f("routing weights", &[t, k])?,
                     },
                     grouping: Grouping::new(ctx, t, e, k)?,
+                    policy: PolicyBuffers::new(ctx, e)?,
                     gy: f("experts gate", &[t * k, i])?,
                     uy: f("experts up", &[t * k, i])?,
                     act: f("experts act", &[t * k, i])?,
@@ -448,9 +468,16 @@ impl GpuModel {
             Some((e, _, _)) => Some(ctx.zeros_u32("per-layer expert offsets", &[cfg.num_layers, e + 1])?),
             None => None,
         };
+        let policy_log = match (moe_dims, &cfg.moe) {
+            (Some(_), Some(mc)) => {
+                Some(ctx.zeros_u32("per-layer policy log", &[cfg.num_layers, log_record_len(t, mc.top_k)])?)
+            }
+            _ => None,
+        };
         Ok(Scratch {
             t,
             expert_offsets,
+            policy_log,
             x: f("x (residual stream)", &[t, c])?,
             h: f("h (normed)", &[t, c])?,
             q: f("q", &[t, h * d])?,
@@ -523,10 +550,48 @@ impl GpuModel {
         total
     }
 
-    /// Tokens per expert in each layer (empty for dense layers) of the last
-    /// step, when `collect_expert_counts` is set.
-    pub fn last_expert_counts(&self) -> Vec<Vec<u32>> {
-        self.last_counts.lock().map(|c| c.clone()).unwrap_or_default()
+    /// Sets the expert-selection policy for the following decode steps
+    /// (checked against the model's E and K). Dense models accept only `exact`.
+    pub fn set_policy(&self, policy: ExpertPolicy) -> Result<()> {
+        match &self.config.moe {
+            Some(m) => {
+                policy.resolve(m.num_experts, m.top_k)?;
+            }
+            None if !policy.is_exact() => {
+                return Err(Error::InvalidArgument(format!(
+                    "expert policy `{policy}` needs an MoE model; this one is dense"
+                )));
+            }
+            None => {}
+        }
+        *self
+            .policy
+            .lock()
+            .map_err(|_| Error::Gpu("policy lock poisoned".into()))? = policy;
+        Ok(())
+    }
+
+    pub fn policy(&self) -> ExpertPolicy {
+        self.policy.lock().map(|p| *p).unwrap_or(ExpertPolicy::Exact)
+    }
+
+    /// A stream of every following step's metrics. Collecting them costs
+    /// one small read-back per step while any receiver is alive.
+    pub fn subscribe(&self) -> std::sync::mpsc::Receiver<Arc<StepMetrics>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Ok(mut subs) = self.subscribers.lock() {
+            subs.push(tx);
+        }
+        rx
+    }
+
+    /// The metrics of the last step, when they were collected.
+    pub fn last_metrics(&self) -> Option<Arc<StepMetrics>> {
+        self.last_metrics.lock().ok().and_then(|m| m.clone())
+    }
+
+    fn metrics_wanted(&self) -> bool {
+        self.collect_metrics || self.subscribers.lock().map(|s| !s.is_empty()).unwrap_or(false)
     }
 
     pub fn reset_stats(&self) {
@@ -667,9 +732,19 @@ impl GpuModel {
     ) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let ctx = &*self.ctx;
+        let started = std::time::Instant::now();
         let (c, h, hkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let t: usize = pieces.iter().map(|(_, _, p)| p.len()).sum();
         let slot = |b: usize| order.iter().position(|&o| o == b).unwrap_or(0);
+        // Phase gating: selection policies apply to decode steps only (one
+        // new token for each sequence, after its prompt); prefill and steps
+        // that mix in prefill chunks route exactly.
+        let decode = pieces.iter().all(|(_, len, toks)| toks.len() == 1 && *len > 0);
+        let policy = self.policy();
+        let resolved = match (&cfg.moe, decode) {
+            (Some(m), true) => policy.resolve(m.num_experts, m.top_k)?,
+            _ => Resolved::Exact,
+        };
 
         // Pages: make sure each sequence has room for its new tokens.
         let mut need = 0;
@@ -797,7 +872,7 @@ impl GpuModel {
                     mlp.forward(ctx, &mut enc, &sc.h, bufs)?;
                     add(ctx, &mut enc, x, &bufs[3])?;
                 }
-                GpuFfn::Moe(moe) => self.moe(ctx, &mut enc, moe, sc, t, l)?,
+                GpuFfn::Moe(moe) => self.moe(ctx, &mut enc, moe, sc, t, l, resolved)?,
             }
         }
 
@@ -831,23 +906,11 @@ impl GpuModel {
             self.sample_memory();
             ctx.read_f32(&logits)?
         };
-        if self.collect_expert_counts
+        if self.metrics_wanted()
             && let Some(log) = &sc.expert_offsets
         {
-            let offsets = ctx.read_u32(log)?;
-            let e1 = log.shape[1];
-            let counts: Vec<Vec<u32>> = self
-                .layers
-                .iter()
-                .enumerate()
-                .map(|(l, layer)| match layer.ffn {
-                    GpuFfn::Moe(_) => offsets[l * e1..(l + 1) * e1].windows(2).map(|w| w[1] - w[0]).collect(),
-                    GpuFfn::Dense(_) => Vec::new(),
-                })
-                .collect();
-            if let Ok(mut c) = self.last_counts.lock() {
-                *c = counts;
-            }
+            let m = self.read_metrics(sc, log, t, decode, policy_name(resolved, policy), started)?;
+            self.publish(m);
         }
         drop(scratch_slot);
         drop(kv);
@@ -862,6 +925,75 @@ impl GpuModel {
         Ok(result)
     }
 
+    /// Reads back this step's expert offsets and policy log and turns them
+    /// into [`StepMetrics`].
+    fn read_metrics(
+        &self,
+        sc: &Scratch,
+        offsets_log: &GpuTensor,
+        t: usize,
+        decode: bool,
+        policy: String,
+        started: std::time::Instant,
+    ) -> Result<StepMetrics> {
+        let ctx = &*self.ctx;
+        let k = self.config.moe.as_ref().map_or(0, |m| m.top_k);
+        let offsets = ctx.read_u32(offsets_log)?;
+        let plog = match &sc.policy_log {
+            Some(l) => ctx.read_u32(l)?,
+            None => Vec::new(),
+        };
+        let exact = policy == "exact";
+        let e1 = offsets_log.shape[1];
+        let rec = log_record_len(t, k);
+        let mut layers = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let GpuFfn::Moe(moe) = &layer.ffn else { continue };
+            let counts: Vec<u32> = offsets[l * e1..(l + 1) * e1].windows(2).map(|w| w[1] - w[0]).collect();
+            let selected = counts.iter().filter(|&&n| n > 0).count();
+            let r = &plog[l * rec..(l + 1) * rec];
+            let (distinct_exact, bins, remapped) = if exact {
+                (selected, Vec::new(), Vec::new())
+            } else {
+                (
+                    r[0] as usize,
+                    r[1..1 + t * k].iter().map(|&v| v as i32).collect(),
+                    r[1 + t * k..1 + 2 * t * k].iter().map(|&v| v != 0).collect(),
+                )
+            };
+            let per_expert = moe.gate_proj.expert_bytes() + moe.up_proj.expert_bytes() + moe.down_proj.expert_bytes();
+            layers.push(LayerMetrics {
+                layer: l,
+                distinct_exact,
+                distinct_selected: selected,
+                tokens_per_expert: counts,
+                bins,
+                remapped,
+                expert_bytes: selected as u64 * per_expert,
+            });
+        }
+        let step = self.stats().steps as u64;
+        Ok(StepMetrics {
+            step,
+            policy,
+            decode,
+            tokens: t,
+            top_k: k,
+            layers,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn publish(&self, m: StepMetrics) {
+        let m = Arc::new(m);
+        if let Ok(mut subs) = self.subscribers.lock() {
+            subs.retain(|tx| tx.send(m.clone()).is_ok());
+        }
+        if let Ok(mut last) = self.last_metrics.lock() {
+            *last = Some(m);
+        }
+    }
+
     /// Notes the allocator's current total in the peak-memory statistic.
     fn sample_memory(&self) {
         if let Some(bytes) = self.ctx.allocated_bytes()
@@ -873,6 +1005,7 @@ impl GpuModel {
 
     /// The routed experts (+ shared expert) of one layer, added into the
     /// residual stream `sc.x`, reading the normed input `sc.h`.
+    #[allow(clippy::too_many_arguments)]
     fn moe(
         &self,
         ctx: &GpuContext,
@@ -881,6 +1014,7 @@ impl GpuModel {
         sc: &Scratch,
         t: usize,
         l: usize,
+        policy: Resolved,
     ) -> Result<()> {
         let mc = self
             .config
@@ -894,12 +1028,13 @@ impl GpuModel {
         let k = mc.top_k;
         let (h, x) = (&sc.h, &sc.x);
         moe.router.forward(ctx, enc, h, &ms.routing.logits)?;
-        route_topk(
-            ctx,
-            enc,
-            &ms.routing,
-            mc.routing.renormalize || !mc.routing.softmax_then_topk,
-        )?;
+        let renormalize = mc.routing.renormalize || !mc.routing.softmax_then_topk;
+        route_topk(ctx, enc, &ms.routing, renormalize)?;
+        // A batch-aware policy rewrites the routing buffer in place.
+        if let Some(log) = &sc.policy_log {
+            let rec = log.shape[1];
+            apply_policy(ctx, enc, policy, &ms.routing, renormalize, &ms.policy, log, l * rec)?;
+        }
         // The routing buffer (ms.routing.ids / weights) is final from here on.
         group_by_expert(ctx, enc, &ms.routing, &ms.grouping)?;
         let g = &ms.grouping;

@@ -36,6 +36,7 @@ pub mod engine;
 pub mod kernels;
 pub mod moe;
 pub mod pipelines;
+pub mod selection;
 pub mod weights;
 
 #[cfg(test)]

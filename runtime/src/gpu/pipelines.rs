@@ -88,6 +88,19 @@ const SHADERS: &[(&str, &str)] = &[
         include_str!("../../../shaders/gather_rows_f32.wgsl"),
     ),
     ("clamp_f32.wgsl", include_str!("../../../shaders/clamp_f32.wgsl")),
+    ("lynx_bin_f32.wgsl", include_str!("../../../shaders/lynx_bin_f32.wgsl")),
+    (
+        "lynx_score_f32.wgsl",
+        include_str!("../../../shaders/lynx_score_f32.wgsl"),
+    ),
+    (
+        "moe_active_set_u32.wgsl",
+        include_str!("../../../shaders/moe_active_set_u32.wgsl"),
+    ),
+    (
+        "moe_remap_f32.wgsl",
+        include_str!("../../../shaders/moe_remap_f32.wgsl"),
+    ),
 ];
 
 pub fn shader_source(name: &str) -> Result<&'static str> {

@@ -344,3 +344,146 @@ fn attention_matches_cpu_over_paged_cache() {
         assert_close(&format!("attention window={window:?}"), &got, &want, h * d, 1e-5);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Expert selection kernels against selection::select_cpu.
+
+use crate::gpu::selection::{PolicyBuffers, apply_policy, log_record_len};
+use crate::selection::{LynxParams, Resolved, select_cpu};
+
+/// Runs route_topk + apply_policy on the GPU and compares everything the
+/// policy produces with the CPU oracle run on the GPU's exact routing.
+fn check_policy(ctx: &GpuContext, what: &str, logits: &[f32], t: usize, e: usize, k: usize, policy: Resolved) {
+    let renorm = true;
+    let r = routing(ctx, logits, t, e, k);
+    let b = PolicyBuffers::new(ctx, e).unwrap();
+    let rec = log_record_len(t, k);
+    // Two records, using the second, to check the log offset.
+    let log = ctx.zeros_u32("policy log", &[2 * rec]).unwrap();
+    run(ctx, "route", |enc| route_topk(ctx, enc, &r, renorm));
+    let exact_ids = ctx.read_u32(&r.ids).unwrap();
+    run(ctx, "policy", |enc| {
+        apply_policy(ctx, enc, policy, &r, renorm, &b, &log, rec)
+    });
+    let want = select_cpu(policy, logits, &exact_ids, e, k, renorm);
+    let ids = ctx.read_u32(&r.ids).unwrap();
+    let w = ctx.read_f32(&r.weights).unwrap();
+    let log = ctx.read_u32(&log).unwrap();
+    assert!(
+        log[..rec].iter().all(|&v| v == 0),
+        "{what}: the first log record must be untouched"
+    );
+    let mut distinct = exact_ids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        log[rec] as usize,
+        distinct.len(),
+        "{what}: distinct experts before selection"
+    );
+    let bins: Vec<i32> = log[rec + 1..rec + 1 + t * k].iter().map(|&v| v as i32).collect();
+    let remapped: Vec<bool> = log[rec + 1 + t * k..rec + 1 + 2 * t * k]
+        .iter()
+        .map(|&v| v != 0)
+        .collect();
+    if matches!(policy, Resolved::Lynx(_)) {
+        assert_eq!(bins, want.bins, "{what}: bins");
+    }
+    let active: Vec<bool> = ctx.read_u32(&b.active).unwrap().iter().map(|&v| v != 0).collect();
+    assert_eq!(active, want.active, "{what}: active set");
+    for i in 0..t * k {
+        assert_eq!(ids[i], want.ids[i], "{what}: token {} slot {}: expert", i / k, i % k);
+        assert!(
+            (w[i] - want.weights[i]).abs() <= 1e-6,
+            "{what}: token {} slot {}: weight {} vs {}",
+            i / k,
+            i % k,
+            w[i],
+            want.weights[i]
+        );
+    }
+    assert_eq!(remapped, want.remapped, "{what}: remapped flags");
+    // Lynx never drops a token's top-1 expert.
+    if matches!(policy, Resolved::Lynx(_) | Resolved::Keep { .. }) {
+        for tok in 0..t {
+            assert_eq!(
+                ids[tok * k],
+                exact_ids[tok * k],
+                "{what}: token {tok} lost its top-1 expert"
+            );
+        }
+    }
+}
+
+#[test]
+fn selection_kernels_match_the_cpu_oracle() {
+    let Some(ctx) = ctx() else { return };
+    let policies = |e: usize, k: usize| {
+        vec![
+            ("lynx", Resolved::Lynx(LynxParams::for_sparsity(e, k))),
+            (
+                "lynx threshold -1",
+                Resolved::Lynx(LynxParams {
+                    threshold_bin: -1,
+                    ..LynxParams::for_sparsity(e, k)
+                }),
+            ),
+            ("oea k0=1", Resolved::Keep { keep: 1, union: true }),
+            (
+                "oea k0=k/2",
+                Resolved::Keep {
+                    keep: (k / 2).max(1),
+                    union: true,
+                },
+            ),
+            ("topk=1", Resolved::Keep { keep: 1, union: false }),
+        ]
+    };
+    for (t, e, k, scale) in [
+        (1, 8, 2, 2.0),
+        (16, 16, 8, 0.5),
+        (16, 16, 8, 3.0),
+        (32, 64, 8, 2.0),
+        (64, 8, 2, 1.0),
+        (5, 128, 4, 4.0),
+    ] {
+        let logits: Vec<f32> = seeded(t * e, (t * 1000 + e) as u64).iter().map(|v| v * scale).collect();
+        for (name, p) in policies(e, k) {
+            check_policy(
+                ctx,
+                &format!("{name} T={t} E={e} K={k} scale={scale}"),
+                &logits,
+                t,
+                e,
+                k,
+                p,
+            );
+        }
+    }
+    let (e, k) = (8, 2);
+    // All tokens agree.
+    let one: Vec<f32> = seeded(e, 5).iter().map(|v| v * 2.0).collect();
+    let agree: Vec<f32> = (0..12).flat_map(|_| one.iter().copied()).collect();
+    // All tokens disagree: token i strongly prefers expert i, then i+1.
+    let disagree: Vec<f32> = (0..8)
+        .flat_map(|i| {
+            (0..e).map(move |x| {
+                if x == i {
+                    5.0
+                } else if x == (i + 1) % e {
+                    4.0
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    // Ties everywhere: all logits equal.
+    let ties = vec![0.25f32; 6 * e];
+    for (case, logits) in [("agree", &agree), ("disagree", &disagree), ("ties", &ties)] {
+        let t = logits.len() / e;
+        for (name, p) in policies(e, k) {
+            check_policy(ctx, &format!("{case}: {name}"), logits, t, e, k, p);
+        }
+    }
+}
