@@ -10,6 +10,7 @@ pub mod arch;
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod gguf;
