@@ -22,6 +22,7 @@ pub mod model;
 pub mod safetensors_dir;
 pub mod sampling;
 pub mod selection;
+pub mod serving;
 pub mod tensor;
 pub mod tokenizer;
 

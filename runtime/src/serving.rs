@@ -1,0 +1,475 @@
+//! The serving loop: continuous batching over any [`Engine`].
+//!
+//! Requests wait in a bounded queue and join the running batch between
+//! steps, up to `max_batch` sequences; finished or cancelled ones leave it
+//! at once, freeing their KV cache. Each iteration of the loop
+//!
+//! 1. drops requests whose client went away (their event receiver was dropped),
+//! 2. admits queued requests while there is room and prefills their prompts
+//!    together (a prefill step: the expert policy does not apply),
+//! 3. runs one decode step for every running sequence together (a decode
+//!    step: the batch-aware expert policy applies to exactly these tokens),
+//!
+//! and streams each request's new text as [`Event`]s on its own channel.
+//! Every request has its own sampling parameters, stop strings and token
+//! limit. The loop runs on the caller's thread ([`Scheduler::run`]); other
+//! threads submit with [`Scheduler::submit`].
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError, channel};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::generate::{Engine, FinishReason, GenerateOptions, TextStream};
+use crate::model::Logits;
+use crate::sampling::Sampler;
+use crate::tokenizer::Tokenizer;
+
+/// What a request's channel receives.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The prompt was prefilled; generation has started.
+    Started { prompt_tokens: usize },
+    /// New final text (never empty).
+    Text(String),
+    /// The request finished; no further events follow.
+    Done(Completion),
+    /// The request failed; no further events follow.
+    Error(String),
+}
+
+/// The summary sent with [`Event::Done`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completion {
+    pub prompt_tokens: usize,
+    /// Sampled tokens, including a final EOS token.
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    /// Seconds from submission to the first token, and to the end.
+    pub first_token_s: f64,
+    pub total_s: f64,
+}
+
+/// Limits of the serving loop.
+#[derive(Clone, Copy, Debug)]
+pub struct SchedulerConfig {
+    /// The most sequences decoded together.
+    pub max_batch: usize,
+    /// The most requests waiting for a slot; more are refused.
+    pub max_queue: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { max_batch: 64, max_queue: 256 }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the request queue is full ({0} waiting)")]
+    QueueFull(usize),
+    #[error("the scheduler is shutting down")]
+    ShuttingDown,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// A submitted request, as its client holds it: the stream of its events.
+/// Dropping the handle cancels the request; the loop frees its batch slot
+/// and KV cache before the next step.
+pub struct RequestHandle {
+    pub id: u64,
+    events: Receiver<Event>,
+    _alive: Arc<()>,
+}
+
+impl RequestHandle {
+    pub fn recv(&self) -> std::result::Result<Event, RecvError> {
+        self.events.recv()
+    }
+
+    pub fn recv_timeout(&self, d: std::time::Duration) -> std::result::Result<Event, RecvTimeoutError> {
+        self.events.recv_timeout(d)
+    }
+
+    pub fn try_recv(&self) -> std::result::Result<Event, TryRecvError> {
+        self.events.try_recv()
+    }
+
+    /// Waits for the request to end: its streamed text and the completion.
+    pub fn wait(self) -> std::result::Result<(String, Completion), String> {
+        let mut text = String::new();
+        loop {
+            match self.events.recv() {
+                Ok(Event::Text(t)) => text.push_str(&t),
+                Ok(Event::Started { .. }) => {}
+                Ok(Event::Done(c)) => return Ok((text, c)),
+                Ok(Event::Error(e)) => return Err(e),
+                Err(_) => return Err("the scheduler stopped".into()),
+            }
+        }
+    }
+}
+
+struct Pending {
+    id: u64,
+    prompt: Vec<u32>,
+    opts: GenerateOptions,
+    events: Sender<Event>,
+    alive: Weak<()>,
+    submitted: Instant,
+}
+
+struct Running<S> {
+    id: u64,
+    seq: S,
+    sampler: Sampler,
+    opts: GenerateOptions,
+    events: Sender<Event>,
+    alive: Weak<()>,
+    prompt_tokens: usize,
+    tokens: Vec<u32>,
+    last: [u32; 1],
+    stream: TextStream,
+    text: String,
+    submitted: Instant,
+    first_token_s: f64,
+}
+
+/// How one step left a running request.
+enum Outcome {
+    Continue,
+    Finished(Completion),
+    /// It failed; its client was told.
+    Failed,
+    /// Its client went away mid-stream.
+    Gone,
+}
+
+/// The requests that ended in one iteration of the loop.
+#[derive(Default)]
+struct Ended {
+    /// Finished requests, with the channel their completion goes to.
+    finished: Vec<(u64, Sender<Event>, Completion)>,
+    failed: Vec<u64>,
+    gone: Vec<u64>,
+}
+
+impl Ended {
+    fn record(&mut self, id: u64, events: &Sender<Event>, outcome: Outcome) {
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Finished(c) => self.finished.push((id, events.clone(), c)),
+            Outcome::Failed => self.failed.push(id),
+            Outcome::Gone => self.gone.push(id),
+        }
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        self.finished.iter().any(|(f, _, _)| *f == id) || self.failed.contains(&id) || self.gone.contains(&id)
+    }
+}
+
+/// Counters for `/metrics` and the viewer.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SchedulerStats {
+    pub queued: usize,
+    pub running: usize,
+    pub completed: u64,
+    pub cancelled: u64,
+    pub failed: u64,
+    pub generated_tokens: u64,
+    pub decode_steps: u64,
+    /// Generated tokens per second over the last decode step.
+    pub last_step_tok_s: f64,
+}
+
+struct Shared {
+    queue: VecDeque<Pending>,
+    shutdown: bool,
+    next_id: u64,
+    stats: SchedulerStats,
+}
+
+/// The queue and loop state, shared between submitting threads and the
+/// thread that runs [`Scheduler::run`].
+pub struct Scheduler {
+    config: SchedulerConfig,
+    shared: Mutex<Shared>,
+    wake: Condvar,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Result<Scheduler> {
+        if config.max_batch == 0 {
+            return Err(Error::InvalidArgument("max_batch must be at least 1".into()));
+        }
+        Ok(Scheduler {
+            config,
+            shared: Mutex::new(Shared { queue: VecDeque::new(), shutdown: false, next_id: 0, stats: SchedulerStats::default() }),
+            wake: Condvar::new(),
+        })
+    }
+
+    pub fn config(&self) -> SchedulerConfig {
+        self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        // A panic while holding the lock leaves plain data; keep serving.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a request; its events arrive on the returned handle.
+    /// Dropping the handle cancels the request and frees its slot.
+    pub fn submit(&self, prompt: Vec<u32>, opts: GenerateOptions) -> std::result::Result<RequestHandle, SubmitError> {
+        if prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        opts.sampling.validate().map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        if opts.stop.iter().any(|s| s.is_empty()) {
+            return Err(SubmitError::Invalid("a stop string is empty".into()));
+        }
+        let mut s = self.lock();
+        if s.shutdown {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if s.queue.len() >= self.config.max_queue {
+            return Err(SubmitError::QueueFull(s.queue.len()));
+        }
+        let (tx, rx) = channel();
+        let alive = Arc::new(());
+        let id = s.next_id;
+        s.next_id += 1;
+        s.queue.push_back(Pending { id, prompt, opts, events: tx, alive: Arc::downgrade(&alive), submitted: Instant::now() });
+        s.stats.queued = s.queue.len();
+        drop(s);
+        self.wake.notify_all();
+        Ok(RequestHandle { id, events: rx, _alive: alive })
+    }
+
+    /// Asks [`Scheduler::run`] to finish: queued requests get an error, and
+    /// running ones finish their current step and end with `Error`.
+    pub fn shutdown(&self) {
+        self.lock().shutdown = true;
+        self.wake.notify_all();
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        self.lock().stats
+    }
+
+    /// Runs the loop until [`Scheduler::shutdown`]. Engine errors fail the
+    /// requests of the step that hit them, not the loop.
+    pub fn run<E: Engine>(&self, engine: &E, tok: &Tokenizer) {
+        let mut running: Vec<Running<E::Seq>> = Vec::new();
+        let eos = tok.eos_token_ids();
+        let limit = engine.config().max_position_embeddings;
+        let vocab = engine.config().vocab_size;
+        loop {
+            // Admit, or sleep while there is nothing to do.
+            let admitted: Vec<Pending> = {
+                let mut s = self.lock();
+                while !s.shutdown && s.queue.is_empty() && running.is_empty() {
+                    s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+                if s.shutdown {
+                    for p in s.queue.drain(..) {
+                        let _ = p.events.send(Event::Error("the server is shutting down".into()));
+                    }
+                    for r in running.drain(..) {
+                        let _ = r.events.send(Event::Error("the server is shutting down".into()));
+                    }
+                    s.stats.queued = 0;
+                    s.stats.running = 0;
+                    return;
+                }
+                let room = self.config.max_batch.saturating_sub(running.len());
+                let n = room.min(s.queue.len());
+                let v: Vec<Pending> = s.queue.drain(..n).collect();
+                s.stats.queued = s.queue.len();
+                v
+            };
+
+            // Cancelled requests leave before any compute is spent on them;
+            // dropping a sequence frees its KV cache.
+            let before = running.len();
+            running.retain(|r| r.alive.strong_count() > 0);
+            let mut cancelled = (before - running.len()) as u64;
+
+            let mut failed = 0u64;
+            let mut fresh: Vec<Running<E::Seq>> = Vec::new();
+            let mut prompts: Vec<Vec<u32>> = Vec::new();
+            for p in admitted {
+                if p.alive.strong_count() == 0 {
+                    cancelled += 1;
+                    continue;
+                }
+                // Requests are validated against the model here, where its
+                // limits are known; a bad one fails alone.
+                let why = if p.prompt.len() >= limit {
+                    Some(format!("the prompt has {} tokens; the context holds {limit}", p.prompt.len()))
+                } else {
+                    p.prompt.iter().find(|&&id| id as usize >= vocab).map(|id| format!("token id {id} is outside the vocabulary"))
+                };
+                let sampler = Sampler::new(p.opts.sampling);
+                match (why, sampler) {
+                    (None, Ok(sampler)) => {
+                        fresh.push(Running {
+                            id: p.id,
+                            seq: engine.new_sequence(),
+                            sampler,
+                            stream: TextStream::new(&p.opts.stop),
+                            opts: p.opts,
+                            events: p.events,
+                            alive: p.alive,
+                            prompt_tokens: p.prompt.len(),
+                            tokens: Vec::new(),
+                            last: [0],
+                            text: String::new(),
+                            submitted: p.submitted,
+                            first_token_s: 0.0,
+                        });
+                        prompts.push(p.prompt);
+                    }
+                    (Some(why), _) => {
+                        failed += 1;
+                        let _ = p.events.send(Event::Error(why));
+                    }
+                    (None, Err(e)) => {
+                        failed += 1;
+                        let _ = p.events.send(Event::Error(e.to_string()));
+                    }
+                }
+            }
+
+            let mut ended = Ended::default();
+            // Prefill the newcomers together.
+            if !fresh.is_empty() {
+                let mut batch: Vec<(&mut E::Seq, &[u32])> =
+                    fresh.iter_mut().zip(&prompts).map(|(r, p)| (&mut r.seq, p.as_slice())).collect();
+                match engine.forward(&mut batch, Logits::Last) {
+                    Ok(logits) => {
+                        for (r, row) in fresh.iter_mut().zip(&logits) {
+                            let _ = r.events.send(Event::Started { prompt_tokens: r.prompt_tokens });
+                            r.first_token_s = r.submitted.elapsed().as_secs_f64();
+                            let outcome = Self::advance(r, row, tok, &eos, limit);
+                            ended.record(r.id, &r.events, outcome);
+                        }
+                    }
+                    Err(e) => {
+                        for r in &fresh {
+                            let _ = r.events.send(Event::Error(format!("prefill failed: {e}")));
+                            ended.failed.push(r.id);
+                        }
+                    }
+                }
+                running.extend(fresh);
+            }
+            running.retain(|r| !ended.contains(r.id));
+
+            // One decode step for everyone still running.
+            let mut step_tokens = 0;
+            let mut step_s = 0.0;
+            if !running.is_empty() {
+                let t0 = Instant::now();
+                let mut batch: Vec<(&mut E::Seq, &[u32])> =
+                    running.iter_mut().map(|r| (&mut r.seq, r.last.as_slice())).collect();
+                match engine.forward(&mut batch, Logits::Last) {
+                    Ok(logits) => {
+                        step_s = t0.elapsed().as_secs_f64();
+                        step_tokens = running.len();
+                        for (r, row) in running.iter_mut().zip(&logits) {
+                            let outcome = Self::advance(r, row, tok, &eos, limit);
+                            ended.record(r.id, &r.events, outcome);
+                        }
+                    }
+                    Err(e) => {
+                        for r in &running {
+                            let _ = r.events.send(Event::Error(format!("decode failed: {e}")));
+                            ended.failed.push(r.id);
+                        }
+                    }
+                }
+                running.retain(|r| !ended.contains(r.id));
+            }
+
+            let mut s = self.lock();
+            s.stats.running = running.len();
+            s.stats.cancelled += cancelled + ended.gone.len() as u64;
+            s.stats.failed += failed + ended.failed.len() as u64;
+            s.stats.completed += ended.finished.len() as u64;
+            if step_tokens > 0 {
+                s.stats.decode_steps += 1;
+                s.stats.generated_tokens += step_tokens as u64;
+                s.stats.last_step_tok_s = step_tokens as f64 / step_s.max(1e-9);
+            }
+            drop(s);
+            // Completions are sent only now that the stats count them, so that
+            // a client that has seen its `Done` never reads stale counters.
+            for (_, events, c) in ended.finished {
+                // A client that left right at the end has nothing to free.
+                let _ = events.send(Event::Done(c));
+            }
+        }
+    }
+
+    /// Samples the next token of `r` from `row` and streams its text; the
+    /// caller sends the completion of a finished request.
+    fn advance<S>(r: &mut Running<S>, row: &[f32], tok: &Tokenizer, eos: &[u32], limit: usize) -> Outcome {
+        let id = match r.sampler.sample(row) {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = r.events.send(Event::Error(format!("sampling failed: {e}")));
+                return Outcome::Failed;
+            }
+        };
+        r.tokens.push(id);
+        r.last = [id];
+        let finish = if r.opts.stop_on_eos && eos.contains(&id) {
+            let tail = r.stream.finish(&r.text).to_string();
+            if !tail.is_empty() && r.events.send(Event::Text(tail)).is_err() {
+                return Outcome::Gone;
+            }
+            Some(FinishReason::Eos)
+        } else {
+            match tok.decode(&r.tokens, true) {
+                Ok(t) => r.text = t,
+                Err(e) => {
+                    let _ = r.events.send(Event::Error(format!("detokenising failed: {e}")));
+                    return Outcome::Failed;
+                }
+            }
+            let step = r.stream.update(&r.text);
+            let (emit, stop_at) = (step.emit.to_string(), step.stop_at);
+            if !emit.is_empty() && r.events.send(Event::Text(emit)).is_err() {
+                return Outcome::Gone;
+            }
+            if let Some(end) = stop_at {
+                r.text.truncate(end);
+                Some(FinishReason::Stop)
+            } else if r.tokens.len() >= r.opts.max_new_tokens || r.prompt_tokens + r.tokens.len() >= limit {
+                let tail = r.stream.finish(&r.text).to_string();
+                if !tail.is_empty() && r.events.send(Event::Text(tail)).is_err() {
+                    return Outcome::Gone;
+                }
+                Some(FinishReason::Length)
+            } else {
+                None
+            }
+        };
+        let Some(finish) = finish else { return Outcome::Continue };
+        Outcome::Finished(Completion {
+            prompt_tokens: r.prompt_tokens,
+            tokens: std::mem::take(&mut r.tokens),
+            text: std::mem::take(&mut r.text),
+            finish,
+            first_token_s: r.first_token_s,
+            total_s: r.submitted.elapsed().as_secs_f64(),
+        })
+    }
+}
