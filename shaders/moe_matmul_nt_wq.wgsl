@@ -26,9 +26,10 @@
 //   5 storage rw y        array<f32>: (T * K, N), grouped order
 //
 // Workgroup: (WG_ROWS, 1, 1); invocation lid.x owns row r = wid.x * WG_ROWS + lid.x
-//   of expert e = e0 + wid.z, and grouped tokens offsets[e] + wid.y * TILE_T + [0, TILE_T).
-// Grid: (ceil(N / WG_ROWS), ceil(T / TILE_T), experts in this chunk); an
-//   expert never has more than T tokens because a token picks it at most once.
+//   of expert e = e0 + wid.z, and grouped tokens offsets[e] + tile * TILE_T + [0, TILE_T) for tiles wid.y, wid.y + gridY, ...
+// Grid: (ceil(N / WG_ROWS), ceil(T / TILE_T), experts in this chunk); a
+//   workgroup loops over token tiles with stride gridY * TILE_T, so experts
+//   with more than T grouped positions (padded slots) are covered too.
 
 struct Params {
     c: u32,            // in features C
@@ -70,21 +71,30 @@ fn x_row(j: u32) -> u32 {
 }
 
 @compute @workgroup_size(WG_ROWS)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
     let e = p.e0 + wid.z;
     let first = offsets[e];
     let count = offsets[e + 1u] - first;
-    let t0 = wid.y * TILE_T;
-    // Uniform for the workgroup: experts without tokens (or with fewer than
-    // this tile's start) cost nothing but this check.
-    if t0 >= count {
-        return;
-    }
     let r = wid.x * WG_ROWS + lid.x;
     if r >= p.n {
         return;
     }
-    let row = wid.z * p.expert_bytes + r * p.row_bytes;
+    // Token tiles wid.y, wid.y + nwg.y, ...: one pass for the usual case of
+    // at most T tokens per expert, and still every token when a policy pads
+    // a token's unused slots with an expert it already has (up to T * K).
+    // The loop bound is uniform for the workgroup: experts without tokens
+    // (or with fewer than this tile's start) cost nothing but this check.
+    for (var t0 = wid.y * TILE_T; t0 < count; t0 += nwg.y * TILE_T) {
+        tile(e, first, count, t0, r);
+    }
+}
+
+fn tile(e: u32, first: u32, count: u32, t0: u32, r: u32) {
+    let row = (e - p.e0) * p.expert_bytes + r * p.row_bytes;
     // Tokens past the expert's count re-read its last token (no bounds
     // checks in the loop); their results are not stored.
     let last = count - 1u;

@@ -222,6 +222,67 @@ fn moe_matmul_and_combine_match_cpu_experts() {
     }
 }
 
+/// Policies that pad a token's unused slots repeat one of its experts, so an
+/// expert can hold more than T grouped positions (here all T * K but one):
+/// the grouped matmuls must still cover every one of them.
+#[test]
+fn moe_matmul_covers_experts_with_more_than_t_positions() {
+    let Some(ctx) = ctx() else { return };
+    let (t, e, k, c, i) = (9, 4, 3, 64, 32);
+    let expert = |x: usize, rows: usize, cols: usize, seed: u64| {
+        QTensor::from_bytes(
+            format!("w{x}"),
+            DType::F32,
+            vec![rows, cols],
+            quantize(DType::F32, &seeded(rows * cols, seed)),
+        )
+    };
+    let w1: Vec<QTensor> = (0..e).map(|x| expert(x, i, c, 20 + x as u64)).collect();
+    let w2: Vec<QTensor> = (0..e).map(|x| expert(x, c, i, 60 + x as u64)).collect();
+    let mut ids = vec![0u32; t * k];
+    ids[1] = 2;
+    let weights = seeded(t * k, 5);
+    let h = seeded(t * c, 7);
+    let x0 = seeded(t * c, 9);
+    let mut want = x0.clone();
+    for tok in 0..t {
+        for slot in 0..k {
+            let (ex, wt) = (ids[tok * k + slot] as usize, weights[tok * k + slot]);
+            let g = QLinear::new(w1[ex].clone(), None).forward(&h[tok * c..(tok + 1) * c], 1);
+            let y = QLinear::new(w2[ex].clone(), None).forward(&g, 1);
+            want[tok * c..(tok + 1) * c]
+                .iter_mut()
+                .zip(&y)
+                .for_each(|(o, y)| *o += wt * y);
+        }
+    }
+    let g1 = GpuExperts::upload(ctx, "gate", &w1.iter().collect::<Vec<_>>()).unwrap();
+    let g2 = GpuExperts::upload(ctx, "down", &w2.iter().collect::<Vec<_>>()).unwrap();
+    let r = Routing {
+        logits: ctx.zeros_f32("test router logits", &[t, e]).unwrap(),
+        ids: ctx.upload_u32("ids", &ids, &[t, k]).unwrap(),
+        weights: ctx.upload_f32("weights", &weights, &[t, k]).unwrap(),
+    };
+    let grouping = Grouping::new(ctx, t, e, k).unwrap();
+    let gh = ctx.upload_f32("h", &h, &[t, c]).unwrap();
+    let gx = ctx.upload_f32("x", &x0, &[t, c]).unwrap();
+    let gy = ctx.zeros_f32("gy", &[t * k, i]).unwrap();
+    let dy = ctx.zeros_f32("dy", &[t * k, c]).unwrap();
+    run(ctx, "moe padded test", |enc| {
+        group_by_expert(ctx, enc, &r, &grouping)?;
+        moe_matmul(ctx, enc, &g1, &gh, MoeInput::Tokens, &grouping, t, k, &gy)?;
+        moe_matmul(ctx, enc, &g2, &gy, MoeInput::Grouped, &grouping, t, k, &dy)?;
+        moe_combine(ctx, enc, &gx, &dy, &grouping, None)
+    });
+    assert_close(
+        "moe, one expert with T * K - 1 positions",
+        &ctx.read_f32(&gx).unwrap(),
+        &want,
+        c,
+        1e-4,
+    );
+}
+
 /// Plain causal attention over one sequence's cached keys and values
 /// (len, Hkv, D) for a query at position `pos`, as model.rs computes it.
 #[allow(clippy::too_many_arguments)]
