@@ -1,6 +1,7 @@
 //! Throughput measurement of the GPU engine (`lynx bench`): prefill and
-//! decode tokens/s for several batch sizes, with the model bytes a decode
-//! step reads and the bandwidth that achieves.
+//! decode tokens/s for several batch sizes and expert-selection policies in
+//! one run, with the distinct experts and model bytes a decode step reads,
+//! the bandwidth that achieves, and the selection kernels' own cost.
 //!
 //! Prompts are real text: windows of the held-out evaluation text
 //! (`models/eval/heldout.txt`), a different window per sequence, so MoE
@@ -9,32 +10,44 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::gpu::GpuModel;
+use crate::gpu::{GpuModel, bench_selection};
 use crate::model::Logits;
+use crate::selection::ExpertPolicy;
 use crate::tokenizer::Tokenizer;
 
 /// The text bench prompts are cut from.
 pub const BENCH_TEXT: &str = include_str!("../../models/eval/heldout.txt");
 
-/// One batch size's measurements.
+/// One (batch size, expert policy) measurement.
 #[derive(Clone, Debug)]
 pub struct BenchRow {
     pub batch: usize,
-    /// Prompt tokens processed, and the seconds the prefill took.
+    /// The expert-selection policy of the decode steps.
+    pub policy: ExpertPolicy,
+    /// Prompt tokens processed, and the seconds the prefill took (one
+    /// prefill per batch size, shared by its policies' rows).
     pub prefill_tokens: usize,
     pub prefill_s: f64,
     /// Tokens generated in the timed decode steps, and their seconds.
     pub decode_tokens: usize,
     pub decode_s: f64,
     /// Mean over decode steps and MoE layers of the experts that received
-    /// at least one token; `None` for dense models.
+    /// at least one token after selection, and under exact routing; `None`
+    /// for dense models.
     pub distinct_experts: Option<f64>,
+    pub distinct_exact: Option<f64>,
+    /// Mean expert weight bytes one decode step reads (all MoE layers).
+    pub expert_bytes_per_step: f64,
     /// Mean weight bytes one decode step reads: every dense matrix once,
     /// plus each MoE layer's active experts.
     pub weight_bytes_per_step: f64,
     /// Mean KV-cache bytes one decode step reads (keys and values of every
     /// cached position of every sequence, all layers).
     pub kv_bytes_per_step: f64,
+    /// GPU seconds per decode step spent in the selection kernels (all MoE
+    /// layers; `gpu::bench_selection`), measured apart from the timed
+    /// steps; 0 for exact routing.
+    pub selection_s_per_step: f64,
 }
 
 impl BenchRow {
@@ -79,67 +92,99 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-/// Prefills `prompts` as one batch, then times `steps` greedy decode steps
-/// of the whole batch. One warm-up step (pipeline compilation, scratch
-/// allocation) runs before the timed ones.
-pub fn bench_batch(gpu: &mut GpuModel, prompts: &[Vec<u32>], steps: usize) -> Result<BenchRow> {
+/// Prefills `prompts` as one batch (exact routing, as every prefill), then,
+/// for each policy in turn, rewinds the sequences to their prompts and
+/// times `steps` greedy decode steps of the whole batch, so that every
+/// policy decodes from the same state. One untimed warm-up step per policy
+/// (pipeline compilation, scratch allocation) runs before the timed ones.
+/// The model's policy is restored afterwards.
+pub fn bench_batch(
+    gpu: &mut GpuModel,
+    prompts: &[Vec<u32>],
+    policies: &[ExpertPolicy],
+    steps: usize,
+) -> Result<Vec<BenchRow>> {
     let b = prompts.len();
-    if b == 0 || steps == 0 {
+    if b == 0 || steps == 0 || policies.is_empty() {
         return Err(Error::InvalidArgument(
-            "bench needs at least one prompt and one step".into(),
+            "bench needs at least one prompt, one policy and one step".into(),
         ));
     }
     let cfg = gpu.config.clone();
+    let before = gpu.policy();
     gpu.collect_metrics = true;
     let mut seqs: Vec<_> = (0..b).map(|_| gpu.new_sequence()).collect();
 
+    gpu.set_policy(ExpertPolicy::Exact)?;
     let start = Instant::now();
     let mut batch: Vec<_> = seqs.iter_mut().zip(prompts).map(|(s, p)| (s, p.as_slice())).collect();
     let logits = gpu.forward(&mut batch, Logits::Last)?;
     let prefill_s = start.elapsed().as_secs_f64();
     let prefill_tokens = prompts.iter().map(|p| p.len()).sum();
-
-    let mut next: Vec<[u32; 1]> = logits.iter().map(|r| [argmax(r)]).collect();
-    let step = |seqs: &mut Vec<crate::gpu::GpuSequence>, next: &mut Vec<[u32; 1]>| -> Result<()> {
-        let mut batch: Vec<_> = seqs
-            .iter_mut()
-            .zip(next.iter())
-            .map(|(s, t)| (s, t.as_slice()))
-            .collect();
-        let logits = gpu.forward(&mut batch, Logits::Last)?;
-        *next = logits.iter().map(|r| [argmax(r)]).collect();
-        Ok(())
-    };
-    step(&mut seqs, &mut next)?; // Warm-up.
+    let first: Vec<[u32; 1]> = logits.iter().map(|r| [argmax(r)]).collect();
 
     let dense_bytes = gpu.dense_bytes_per_step() as f64;
     let kv_row = (cfg.num_kv_heads * cfg.head_dim * 4 * 2 * cfg.num_layers) as f64;
-    let mut distinct = 0.0;
-    let mut weight_bytes = 0.0;
-    let mut kv_bytes = 0.0;
-    let mut decode_s = 0.0;
-    for _ in 0..steps {
-        let cached: usize = seqs.iter().map(|s| s.len() + 1).sum();
-        let t0 = Instant::now();
-        step(&mut seqs, &mut next)?;
-        decode_s += t0.elapsed().as_secs_f64();
-        let m = gpu
-            .last_metrics()
-            .ok_or_else(|| Error::Gpu("the step produced no metrics".into()))?;
-        distinct += m.mean_distinct_selected();
-        weight_bytes += dense_bytes + m.expert_bytes() as f64;
-        kv_bytes += cached as f64 * kv_row;
-    }
+    let moe_layers = gpu.expert_bytes_per_layer().iter().filter(|l| l.is_some()).count();
+    let mut rows = Vec::new();
+    let result = (|| -> Result<()> {
+        for &policy in policies {
+            gpu.set_policy(policy)?;
+            for (s, p) in seqs.iter_mut().zip(prompts) {
+                s.truncate(p.len());
+            }
+            let mut next = first.clone();
+            let mut step = |seqs: &mut Vec<crate::gpu::GpuSequence>| -> Result<()> {
+                let mut batch: Vec<_> = seqs
+                    .iter_mut()
+                    .zip(next.iter())
+                    .map(|(s, t)| (s, t.as_slice()))
+                    .collect();
+                let logits = gpu.forward(&mut batch, Logits::Last)?;
+                next = logits.iter().map(|r| [argmax(r)]).collect();
+                Ok(())
+            };
+            step(&mut seqs)?; // Warm-up.
+            let (mut distinct, mut exact, mut expert_bytes, mut kv_bytes, mut decode_s) = (0.0, 0.0, 0.0, 0.0, 0.0);
+            for _ in 0..steps {
+                let cached: usize = seqs.iter().map(|s| s.len() + 1).sum();
+                let t0 = Instant::now();
+                step(&mut seqs)?;
+                decode_s += t0.elapsed().as_secs_f64();
+                let m = gpu
+                    .last_metrics()
+                    .ok_or_else(|| Error::Gpu("the step produced no metrics".into()))?;
+                distinct += m.mean_distinct_selected();
+                exact += m.mean_distinct_exact();
+                expert_bytes += m.expert_bytes() as f64;
+                kv_bytes += cached as f64 * kv_row;
+            }
+            let selection_s_per_step = match &cfg.moe {
+                Some(m) if !policy.is_exact() => {
+                    let resolved = policy.resolve(m.num_experts, m.top_k)?;
+                    bench_selection(&gpu.ctx, resolved, b, m.num_experts, m.top_k, 10)? * moe_layers as f64
+                }
+                _ => 0.0,
+            };
+            let n = steps as f64;
+            rows.push(BenchRow {
+                batch: b,
+                policy,
+                prefill_tokens,
+                prefill_s,
+                decode_tokens: b * steps,
+                decode_s,
+                distinct_experts: cfg.moe.is_some().then_some(distinct / n),
+                distinct_exact: cfg.moe.is_some().then_some(exact / n),
+                expert_bytes_per_step: expert_bytes / n,
+                weight_bytes_per_step: dense_bytes + expert_bytes / n,
+                kv_bytes_per_step: kv_bytes / n,
+                selection_s_per_step,
+            });
+        }
+        Ok(())
+    })();
     gpu.collect_metrics = false;
-    let n = steps as f64;
-    Ok(BenchRow {
-        batch: b,
-        prefill_tokens,
-        prefill_s,
-        decode_tokens: b * steps,
-        decode_s,
-        distinct_experts: cfg.moe.is_some().then_some(distinct / n),
-        weight_bytes_per_step: weight_bytes / n,
-        kv_bytes_per_step: kv_bytes / n,
-    })
+    gpu.set_policy(before)?;
+    result.map(|()| rows)
 }

@@ -109,6 +109,79 @@ pub fn skew(counts: &[f64]) -> Skew {
     }
 }
 
+/// Writes a stream of [`StepMetrics`] (from `GpuModel::subscribe`) as JSON
+/// lines on a background thread (`--trace FILE`), so that the decode loop
+/// never waits on the disk.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct TraceWriter {
+    path: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<std::io::Result<u64>>,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl TraceWriter {
+    /// Creates (or truncates) `path` and starts writing the steps `rx`
+    /// receives, one JSON object per line.
+    pub fn start(
+        rx: std::sync::mpsc::Receiver<std::sync::Arc<StepMetrics>>,
+        path: &std::path::Path,
+    ) -> crate::Result<TraceWriter> {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        use std::sync::mpsc::RecvTimeoutError;
+        let file = std::fs::File::create(path).map_err(|e| crate::Error::io(path, e))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("lynx trace".into())
+            .spawn(move || -> std::io::Result<u64> {
+                let mut out = std::io::BufWriter::new(file);
+                let mut lines = 0u64;
+                loop {
+                    // The engine sends a step's metrics before its forward
+                    // call returns, so once `finish` is called, whatever is
+                    // left is already in the channel.
+                    match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                        Ok(m) => {
+                            serde_json::to_writer(&mut out, &*m)?;
+                            out.write_all(b"\n")?;
+                            lines += 1;
+                        }
+                        Err(RecvTimeoutError::Timeout) if !flag.load(Ordering::Acquire) => {}
+                        Err(_) => break,
+                    }
+                }
+                out.flush()?;
+                Ok(lines)
+            })
+            .map_err(|e| crate::Error::io(path, e))?;
+        Ok(TraceWriter {
+            path: path.to_path_buf(),
+            stop,
+            thread,
+        })
+    }
+
+    /// The file being written.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Writes what is still queued, closes the file and returns the number
+    /// of steps written.
+    pub fn finish(self) -> crate::Result<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        match self.thread.join() {
+            Ok(r) => r.map_err(|e| crate::Error::io(&self.path, e)),
+            Err(_) => Err(crate::Error::io(
+                &self.path,
+                std::io::Error::other("the trace writer panicked"),
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

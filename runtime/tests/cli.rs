@@ -9,7 +9,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn lynx(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lynx")).args(args).output().expect("run lynx");
+    let out = Command::new(env!("CARGO_BIN_EXE_lynx"))
+        .args(args)
+        .output()
+        .expect("run lynx");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -47,8 +50,35 @@ fn bad_input_exits_with_a_clear_error() {
         (vec!["inspect", "/no/such/model"], "does not exist"),
         (vec!["generate", "/no/such/model", "--prompt", "hi"], "does not exist"),
         // The tiny fixtures have no tokenizer.
-        (vec!["generate", llama.to_str().unwrap(), "--prompt", "hi"], "has no tokenizer"),
-        (vec!["generate", llama.to_str().unwrap(), "--prompt", "hi", "--top-p", "0"], "top_p"),
+        (
+            vec!["generate", llama.to_str().unwrap(), "--prompt", "hi"],
+            "has no tokenizer",
+        ),
+        (
+            vec!["generate", llama.to_str().unwrap(), "--prompt", "hi", "--top-p", "0"],
+            "top_p",
+        ),
+        (
+            vec![
+                "generate",
+                llama.to_str().unwrap(),
+                "--prompt",
+                "hi",
+                "--device",
+                "cpu",
+                "--experts",
+                "lynx",
+            ],
+            "need the GPU engine",
+        ),
+        (
+            vec!["bench", llama.to_str().unwrap(), "--experts", "exact,oea=x"],
+            "invalid --experts",
+        ),
+        (
+            vec!["eval", llama.to_str().unwrap(), "--experts", "topk=0"],
+            "invalid --experts",
+        ),
     ];
     for (args, want) in cases {
         let (code, _, err) = lynx(&args);
@@ -61,10 +91,56 @@ fn bad_input_exits_with_a_clear_error() {
 #[test]
 fn prompt_over_the_context_length_is_refused() {
     let gguf = lynx::loader::smollm2_gguf_path();
-    assert!(gguf.exists(), "run `bash models/get-smollm2.sh` first ({} missing)", gguf.display());
+    assert!(
+        gguf.exists(),
+        "run `bash models/get-smollm2.sh` first ({} missing)",
+        gguf.display()
+    );
     // SmolLM2's context is 8192 tokens; " a" is one token.
     let prompt = " a".repeat(9000);
     let (code, _, err) = lynx(&["generate", gguf.to_str().unwrap(), "--prompt", &prompt]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("context length is 8192"), "{err}");
+}
+
+/// `--experts` and `--trace` on the demo MoE: the trace holds one JSON line
+/// per forward step (the prefill, routed exactly, then decode steps under
+/// the chosen policy), each with every MoE layer.
+#[test]
+fn generate_writes_a_trace_of_every_step() {
+    let dir = std::env::temp_dir().join(format!("lynx-cli-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("trace.jsonl");
+    let model = lynx::loader::demo_moe_gguf_path();
+    let (code, out, err) = lynx(&[
+        "generate",
+        model.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "3",
+        "--experts",
+        "topk=2",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.trim().is_empty(), "no text generated: {err}");
+    assert!(err.contains("steps written to"), "{err}");
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let steps: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // Prefill plus a decode step per token after the first; generation may
+    // stop early at EOS.
+    assert!((1..=3).contains(&steps.len()), "{} steps", steps.len());
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["decode"], i > 0, "step {i}");
+        assert_eq!(s["policy"], if i == 0 { "exact" } else { "topk=2" }, "step {i}");
+        let layers = s["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 30, "step {i}");
+        if i > 0 {
+            // One token keeping 2 of its 8 slots loads 2 experts per layer.
+            assert!(layers.iter().all(|l| l["distinct_selected"] == 2), "step {i}: {s}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

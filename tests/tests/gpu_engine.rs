@@ -181,13 +181,39 @@ fn kv_cache_grows_and_is_freed() {
     );
 }
 
+/// A truncated sequence continues exactly like a fresh one fed only the
+/// kept prefix, also when the cut frees KV pages (positions 40 -> 20 with
+/// pages of 16).
+#[test]
+fn truncated_sequence_continues_like_a_fresh_one() {
+    let Some(ctx) = ctx() else { return };
+    let gpu = GpuModel::upload(ctx, &load("mixtral", None), |_, _| {}).unwrap();
+    let v = gpu.config.vocab_size as u32;
+    let long: Vec<u32> = (0..40u32).map(|i| (i * 17 + 3) % v).collect();
+    let mut cut = gpu.new_sequence();
+    gpu.forward(&mut [(&mut cut, long.as_slice())], Logits::Last).unwrap();
+    cut.truncate(20);
+    assert_eq!(cut.len(), 20);
+    cut.truncate(30);
+    assert_eq!(cut.len(), 20, "truncating to a longer length changes nothing");
+    let mut fresh = gpu.new_sequence();
+    gpu.forward(&mut [(&mut fresh, &long[..20])], Logits::Last).unwrap();
+    for tok in [5u32, 9, 2] {
+        let a = gpu.forward(&mut [(&mut cut, &[tok][..])], Logits::Last).unwrap();
+        let b = gpu.forward(&mut [(&mut fresh, &[tok][..])], Logits::Last).unwrap();
+        assert_eq!(a, b, "after token {tok}");
+    }
+}
+
 /// Decode `steps` steps of `b` sequences (fixed token schedule) under a
 /// policy; returns every step's logits.
 fn decode_run(gpu: &GpuModel, b: usize, steps: usize, policy: ExpertPolicy) -> Vec<Vec<Vec<f32>>> {
     let v = gpu.config.vocab_size as u32;
     gpu.set_policy(policy).unwrap();
     let mut seqs: Vec<_> = (0..b).map(|_| gpu.new_sequence()).collect();
-    let prompts: Vec<Vec<u32>> = (0..b as u32).map(|i| (0..3 + i % 4).map(|j| (i * 31 + j * 7 + 1) % v).collect()).collect();
+    let prompts: Vec<Vec<u32>> = (0..b as u32)
+        .map(|i| (0..3 + i % 4).map(|j| (i * 31 + j * 7 + 1) % v).collect())
+        .collect();
     let mut out = Vec::new();
     let mut batch: Vec<_> = seqs.iter_mut().zip(&prompts).map(|(s, p)| (s, p.as_slice())).collect();
     out.push(gpu.forward(&mut batch, Logits::Last).unwrap());
@@ -246,7 +272,11 @@ fn lynx_reduces_distinct_experts_only_in_decode_steps() {
             reduced += l.distinct_exact - l.distinct_selected;
         }
     }
-    assert!(reduced > 0, "Lynx should drop some experts over 8 tokens, 2 steps and {} layers", cpu.config.num_layers);
+    assert!(
+        reduced > 0,
+        "Lynx should drop some experts over 8 tokens, 2 steps and {} layers",
+        cpu.config.num_layers
+    );
     for row in lynx.iter().flatten() {
         assert!(row.iter().all(|x| x.is_finite()));
     }

@@ -25,7 +25,11 @@ impl Drop for ShutdownOnDrop<'_> {
 fn smollm2() -> Option<(lynx::LoadedModel, GpuModel)> {
     let ctx = gpu_ctx()?;
     let path = lynx::loader::smollm2_gguf_path();
-    assert!(path.exists(), "run `bash models/get-smollm2.sh` first ({} missing)", path.display());
+    assert!(
+        path.exists(),
+        "run `bash models/get-smollm2.sh` first ({} missing)",
+        path.display()
+    );
     let lm = lynx::load(&path).unwrap();
     let gpu = GpuModel::upload(ctx, &lm.model, |_, _| {}).unwrap();
     Some((lm, gpu))
@@ -35,9 +39,20 @@ fn smollm2() -> Option<(lynx::LoadedModel, GpuModel)> {
 fn requests_joining_a_running_batch_match_their_single_runs() {
     let Some((lm, gpu)) = smollm2() else { return };
     let tok = lm.tokenizer.as_ref().unwrap();
-    let texts = ["The capital of France is", "def add(a, b):", "Water boils at", "The first president of the United States was"];
+    let texts = [
+        "The capital of France is",
+        "def add(a, b):",
+        "Water boils at",
+        "The first president of the United States was",
+    ];
     let limits = [10, 6, 3, 8];
-    let sched = Arc::new(Scheduler::new(SchedulerConfig { max_batch: 3, max_queue: 8 }).unwrap());
+    let sched = Arc::new(
+        Scheduler::new(SchedulerConfig {
+            max_batch: 3,
+            max_queue: 8,
+        })
+        .unwrap(),
+    );
     std::thread::scope(|s| {
         let _stop = ShutdownOnDrop(&sched);
         let runner = sched.clone();
@@ -45,8 +60,16 @@ fn requests_joining_a_running_batch_match_their_single_runs() {
         s.spawn(move || runner.run(gpu_ref, tok));
         let mut handles = Vec::new();
         for (i, (t, n)) in texts.iter().zip(limits).enumerate() {
-            let opts = GenerateOptions { max_new_tokens: n, stop_on_eos: false, ..GenerateOptions::default() };
-            handles.push((i, opts.clone(), sched.submit(tok.encode(t, true).unwrap(), opts).unwrap()));
+            let opts = GenerateOptions {
+                max_new_tokens: n,
+                stop_on_eos: false,
+                ..GenerateOptions::default()
+            };
+            handles.push((
+                i,
+                opts.clone(),
+                sched.submit(tok.encode(t, true).unwrap(), opts).unwrap(),
+            ));
             // Let the batch start so later requests join a running one.
             std::thread::sleep(Duration::from_millis(if i == 1 { 300 } else { 0 }));
         }
@@ -67,12 +90,22 @@ fn requests_joining_a_running_batch_match_their_single_runs() {
 fn dropped_request_frees_its_slot_and_full_queue_refuses() {
     let Some((lm, gpu)) = smollm2() else { return };
     let tok = lm.tokenizer.as_ref().unwrap();
-    let sched = Arc::new(Scheduler::new(SchedulerConfig { max_batch: 1, max_queue: 1 }).unwrap());
+    let sched = Arc::new(
+        Scheduler::new(SchedulerConfig {
+            max_batch: 1,
+            max_queue: 1,
+        })
+        .unwrap(),
+    );
     std::thread::scope(|s| {
         let _stop = ShutdownOnDrop(&sched);
         let runner = sched.clone();
         let gpu_ref = &gpu;
-        let long = GenerateOptions { max_new_tokens: 200, stop_on_eos: false, ..GenerateOptions::default() };
+        let long = GenerateOptions {
+            max_new_tokens: 200,
+            stop_on_eos: false,
+            ..GenerateOptions::default()
+        };
         let prompt = tok.encode("Once upon a time", true).unwrap();
         // Fill the single slot before the loop starts, then the queue.
         let first = sched.submit(prompt.clone(), long.clone()).unwrap();
@@ -84,8 +117,19 @@ fn dropped_request_frees_its_slot_and_full_queue_refuses() {
                 other => panic!("unexpected {other:?}"),
             }
         }
-        let second = sched.submit(prompt.clone(), GenerateOptions { max_new_tokens: 2, ..long.clone() }).unwrap();
-        assert!(matches!(sched.submit(prompt.clone(), long.clone()), Err(SubmitError::QueueFull(1))));
+        let second = sched
+            .submit(
+                prompt.clone(),
+                GenerateOptions {
+                    max_new_tokens: 2,
+                    ..long.clone()
+                },
+            )
+            .unwrap();
+        assert!(matches!(
+            sched.submit(prompt.clone(), long.clone()),
+            Err(SubmitError::QueueFull(1))
+        ));
         // The client of the first request goes away mid-stream: the second
         // must then get the slot and finish.
         drop(first);
@@ -94,6 +138,9 @@ fn dropped_request_frees_its_slot_and_full_queue_refuses() {
         let st = sched.stats();
         assert_eq!(st.cancelled, 1, "{st:?}");
         assert_eq!(st.running, 0, "{st:?}");
-        assert!(st.generated_tokens < 200, "the dropped request must not have run to its limit: {st:?}");
+        assert!(
+            st.generated_tokens < 200,
+            "the dropped request must not have run to its limit: {st:?}"
+        );
     });
 }

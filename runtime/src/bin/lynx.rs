@@ -11,11 +11,16 @@ use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+#[path = "lynx/eval_cmd.rs"]
+mod eval_cmd;
+
 use lynx::config::ModelConfig;
 use lynx::generate::{GenerateOptions, Generation, generate};
 use lynx::gpu::{GpuContext, GpuModel, GpuOptions};
 use lynx::loader::{LoadedModel, ModelFormat, TensorInfo};
+use lynx::metrics::TraceWriter;
 use lynx::sampling::SamplingParams;
+use lynx::selection::ExpertPolicy;
 use lynx::{ChatMessage, Tokenizer};
 
 #[derive(Parser)]
@@ -38,9 +43,14 @@ enum Command {
     /// clears the conversation, `/quit` or end of input exits.
     Chat(ChatArgs),
     /// Measure prefill and decode throughput on the GPU for several batch
-    /// sizes, with the model bytes each decode step reads and the bandwidth
-    /// that achieves.
+    /// sizes and expert-selection policies in one run, with the distinct
+    /// experts and model bytes each decode step reads, the bandwidth that
+    /// achieves, and the selection kernels' own cost.
     Bench(BenchArgs),
+    /// Measure what each expert-selection policy costs in accuracy against
+    /// exact routing: held-out perplexity, top-1 agreement, KL, and
+    /// question-answering exact match.
+    Eval(eval_cmd::EvalArgs),
     /// Write a model as a GGUF file with its matrices quantised, so the next
     /// load is fast and small (llama and mixtral models).
     Quantize {
@@ -61,10 +71,15 @@ struct BenchArgs {
     /// default model].
     model: Option<PathBuf>,
     /// Batch sizes to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32,64")]
     batch: Vec<usize>,
-    /// Prompt tokens per sequence for the prefill measurement.
-    #[arg(long, default_value_t = 64)]
+    /// Expert-selection policies to measure, comma-separated (exact, lynx,
+    /// lynx:alpha=A,beta=B,threshold=T, oea, oea=K0, topk=N), each on the
+    /// same prefilled prompts [default for MoE models: exact,lynx,oea,topk=K/2].
+    #[arg(long, value_name = "LIST")]
+    experts: Option<String>,
+    /// Prompt tokens per sequence (real text) for the prefill measurement.
+    #[arg(long, default_value_t = 32)]
     prompt_tokens: usize,
     /// Decode steps timed per batch size.
     #[arg(long, default_value_t = 8)]
@@ -75,6 +90,9 @@ struct BenchArgs {
     /// Also time a 4096x4096 GEMV per quant format on the GPU and on the CPU.
     #[arg(long)]
     kernels: bool,
+    /// Write every step's expert-selection metrics as JSON lines to FILE.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -157,6 +175,16 @@ struct RunArgs {
     /// itself is not printed.
     #[arg(long, value_name = "STR")]
     stop: Vec<String>,
+    /// Expert selection for the decode steps of an MoE model on the GPU:
+    /// exact, lynx, lynx:alpha=A,beta=B,threshold=T, oea, oea=K0 or topk=N.
+    /// A single generation decodes a batch of one, where lynx and oea
+    /// route exactly; `lynx bench` and `lynx serve` batch several.
+    #[arg(long, value_name = "POLICY", default_value = "exact")]
+    experts: ExpertPolicy,
+    /// Write every step's expert-selection metrics (GPU) as JSON lines to
+    /// FILE.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 /// Compute devices.
@@ -172,6 +200,30 @@ enum Device {
 struct Loaded {
     lm: LoadedModel,
     gpu: Option<GpuModel>,
+    trace: Option<TraceWriter>,
+}
+
+impl Loaded {
+    /// Closes the `--trace` file, if any, and says how much it holds.
+    fn finish_trace(self) -> anyhow::Result<()> {
+        finish_trace(self.trace, self.gpu)
+    }
+}
+
+/// Starts writing `gpu`'s step metrics to `path`.
+fn start_trace(gpu: &GpuModel, path: &Path) -> anyhow::Result<TraceWriter> {
+    TraceWriter::start(gpu.subscribe(), path).context("cannot write the --trace file")
+}
+
+/// Drops the engine (so no step can follow) and then closes the trace.
+fn finish_trace(trace: Option<TraceWriter>, gpu: Option<GpuModel>) -> anyhow::Result<()> {
+    drop(gpu);
+    if let Some(t) = trace {
+        let path = t.path().to_path_buf();
+        let steps = t.finish().context("failed to write the --trace file")?;
+        eprintln!("[trace: {steps} steps written to {}]", path.display());
+    }
+    Ok(())
 }
 
 impl RunArgs {
@@ -206,6 +258,11 @@ impl RunArgs {
     /// Loads the model, re-stores its weights if asked, and uploads them to
     /// the GPU when that is the device.
     fn load(&self) -> anyhow::Result<Loaded> {
+        if self.device == Device::Cpu && (!self.experts.is_exact() || self.trace.is_some()) {
+            return Err(anyhow!(
+                "--experts and --trace need the GPU engine; the CPU reference always routes exactly (drop --device cpu)"
+            ));
+        }
         let mut lm = load_model(&self.model_path()?)?;
         if let Some(q) = self.quant {
             lm.model
@@ -216,7 +273,14 @@ impl RunArgs {
             Device::Cpu => None,
             Device::Gpu => Some(upload_to_gpu(&lm)?),
         };
-        Ok(Loaded { lm, gpu })
+        if let Some(gpu) = &gpu {
+            gpu.set_policy(self.experts).context("invalid --experts")?;
+        }
+        let trace = match (&gpu, &self.trace) {
+            (Some(gpu), Some(path)) => Some(start_trace(gpu, path)?),
+            _ => None,
+        };
+        Ok(Loaded { lm, gpu, trace })
     }
 }
 
@@ -254,6 +318,7 @@ fn main() -> anyhow::Result<()> {
         Command::Chat(args) => chat_cmd(&args),
         Command::Quantize { model, output, to } => quantize_cmd(&model, &output, to.into()),
         Command::Bench(args) => bench_cmd(&args),
+        Command::Eval(args) => eval_cmd::eval_cmd(&args),
     }
 }
 
@@ -313,6 +378,10 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<()> {
     if args.prompt_tokens == 0 || args.steps == 0 {
         anyhow::bail!("--prompt-tokens and --steps must be at least 1");
     }
+    let requested = match &args.experts {
+        Some(list) => Some(lynx::eval::parse_policy_list(list).context("invalid --experts")?),
+        None => None,
+    };
     let path = match &args.model {
         Some(p) => p.clone(),
         None => lynx::loader::default_model_path().context("no MODEL given, and no default model could be found")?,
@@ -324,8 +393,20 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<()> {
             .context("failed to re-store the weights")?;
     }
     let tok = require_tokenizer(&lm, "bench")?;
-    let mut gpu = upload_to_gpu(&lm)?;
     let c = &lm.model.config;
+    let policies = match (requested, &c.moe) {
+        (Some(p), _) => p,
+        (None, Some(m)) => eval_cmd::default_policies(m.top_k),
+        (None, None) => vec![ExpertPolicy::Exact],
+    };
+    let mut gpu = upload_to_gpu(&lm)?;
+    for p in &policies {
+        // Checks every policy against the model before the long run starts.
+        gpu.set_policy(*p)
+            .with_context(|| format!("invalid --experts entry `{p}`"))?;
+    }
+    gpu.set_policy(ExpertPolicy::Exact)?;
+    let trace = args.trace.as_deref().map(|p| start_trace(&gpu, p)).transpose()?;
     println!(
         "model:    {} ({}, {} layers)",
         lm.path.display(),
@@ -338,29 +419,52 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<()> {
     println!("adapter:  {}", gpu.ctx.adapter_report());
     println!("weights on GPU: {}", human_bytes(gpu.weight_bytes()));
     println!(
-        "prompts:  {} tokens each, windows of models/eval/heldout.txt; {} timed greedy decode steps per batch size",
+        "prompts:  {} tokens each, a different window of models/eval/heldout.txt per sequence; one prefill per batch \
+         size, then {} timed greedy decode steps per policy from the same prefilled state",
         args.prompt_tokens, args.steps
     );
     println!();
     println!(
-        "{:>5} {:>12} {:>12} {:>10} {:>9} {:>14} {:>12} {:>9}",
-        "batch", "prefill t/s", "decode t/s", "step ms", "experts", "weights/step", "KV/step", "GB/s"
+        "{:>5} {:>14} {:>12} {:>12} {:>9} {:>10} {:>13} {:>13} {:>12} {:>9} {:>10}",
+        "batch",
+        "policy",
+        "prefill t/s",
+        "decode t/s",
+        "x exact",
+        "step ms",
+        "experts",
+        "expert/step",
+        "KV/step",
+        "GB/s",
+        "select ms"
     );
     for &b in &args.batch {
-        let prompts = lynx::bench::bench_prompts(&tok, b, args.prompt_tokens)?;
-        let row = lynx::bench::bench_batch(&mut gpu, &prompts, args.steps)
+        let prompts = lynx::bench::bench_prompts(tok, b, args.prompt_tokens)?;
+        let batch_rows = lynx::bench::bench_batch(&mut gpu, &prompts, &policies, args.steps)
             .with_context(|| format!("benchmark at batch size {b} failed"))?;
-        println!(
-            "{:>5} {:>12.1} {:>12.1} {:>10.1} {:>9} {:>14} {:>12} {:>9.2}",
-            b,
-            row.prefill_tok_s(),
-            row.decode_tok_s(),
-            row.decode_step_s() * 1e3,
-            row.distinct_experts.map_or("-".to_string(), |d| format!("{d:.2}")),
-            human_bytes(row.weight_bytes_per_step as u64),
-            human_bytes(row.kv_bytes_per_step as u64),
-            row.decode_gb_s(),
-        );
+        let exact = batch_rows
+            .iter()
+            .find(|r| r.policy.is_exact())
+            .map(|r| r.decode_tok_s());
+        for row in &batch_rows {
+            println!(
+                "{:>5} {:>14} {:>12.1} {:>12.1} {:>9} {:>10.1} {:>13} {:>13} {:>12} {:>9.2} {:>10.2}",
+                b,
+                row.policy.to_string(),
+                row.prefill_tok_s(),
+                row.decode_tok_s(),
+                exact.map_or("-".to_string(), |e| format!("{:.2}", row.decode_tok_s() / e)),
+                row.decode_step_s() * 1e3,
+                match (row.distinct_exact, row.distinct_experts) {
+                    (Some(e), Some(s)) => format!("{e:.2} -> {s:.2}"),
+                    _ => "-".to_string(),
+                },
+                human_bytes(row.expert_bytes_per_step as u64),
+                human_bytes(row.kv_bytes_per_step as u64),
+                row.decode_gb_s(),
+                row.selection_s_per_step * 1e3,
+            );
+        }
     }
     let stats = gpu.stats();
     println!();
@@ -372,7 +476,12 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         println!("peak GPU memory: not reported by this backend");
     }
-    println!("experts = mean distinct experts per MoE layer per decode step; GB/s = (weights + KV)/step time");
+    println!("x exact = decode tokens/s over exact routing's at the same batch size;");
+    println!("experts = mean distinct experts per MoE layer per decode step, exact routing -> after selection;");
+    println!(
+        "expert/step = expert weight bytes read per decode step (all layers); GB/s = (all weights + KV)/step time;"
+    );
+    println!("select ms = GPU time per decode step of the selection kernels alone (all layers), measured separately.");
 
     if args.kernels {
         println!();
@@ -390,7 +499,7 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    finish_trace(trace, Some(gpu))
 }
 
 // ---------------------------------------------------------------- generate
@@ -411,7 +520,7 @@ fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<()> {
 
     let (generation, elapsed) = stream_generation(&loaded, tok, &ids, &opts)?;
     print_stats(&generation, elapsed);
-    Ok(())
+    loaded.finish_trace()
 }
 
 /// Tells the user when the tokenizer falls back to plain ChatML because the
@@ -583,7 +692,7 @@ fn chat_cmd(args: &ChatArgs) -> anyhow::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    loaded.finish_trace()
 }
 
 fn is_context_overflow(e: &anyhow::Error) -> bool {

@@ -159,6 +159,24 @@ impl GpuSequence {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Forgets the tokens from position `len` on (nothing when `len` is not
+    /// below [`GpuSequence::len`]) and frees the KV pages they alone used;
+    /// the next forward step continues at position `len`. This re-runs
+    /// decoding from a shared prompt, as `lynx bench` does per policy, or
+    /// regenerates a reply without prefilling the conversation again.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        self.len = len;
+        let freed = self.pages.split_off(len.div_ceil(KV_PAGE));
+        let mut a = match self.alloc.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        a.free.extend(freed);
+    }
 }
 
 impl Drop for GpuSequence {

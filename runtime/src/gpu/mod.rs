@@ -44,7 +44,7 @@ mod tests;
 #[cfg(test)]
 mod tests_moe_attention;
 
-pub use bench::{bench_cpu_matmul, bench_matmul};
+pub use bench::{bench_cpu_matmul, bench_matmul, bench_selection};
 pub use context::{Elem, GpuContext, GpuEncoder, GpuFeatures, GpuOptions, GpuTensor};
 pub use engine::{GpuModel, GpuSequence, KV_PAGE, StepStats};
 pub use kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
