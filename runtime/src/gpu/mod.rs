@@ -1,4 +1,4 @@
-//! The wgpu/WGSL GPU engine: groundwork.
+//! The wgpu/WGSL GPU engine.
 //!
 //! - [`context`]: adapter selection, device, optional features and limits,
 //!   buffers ([`GpuTensor`]), submission and read-back, error mapping.
@@ -6,10 +6,15 @@
 //!   cache keyed by file, entry point, includes and defines.
 //! - [`weights`]: [`GpuMatrix`], a weight matrix in its stored quant format,
 //!   split into row chunks that each fit one storage binding.
-//! - [`kernels`]: one host function per kernel (matmul, embedding gather,
-//!   RMSNorm, RoPE, SwiGLU, residual add), each checked against the CPU
-//!   reference in `tests.rs`.
-//! - [`bench`]: a matmul micro-benchmark (GPU and CPU).
+//! - [`kernels`], [`attention`], [`moe`], [`selection`]: one host function
+//!   per kernel (matmul, embedding gather, RMSNorm, RoPE, SwiGLU, residual
+//!   add; paged KV cache and split attention; routing, grouping by expert,
+//!   grouped expert matmuls and combine; the expert-selection policies),
+//!   each checked against a CPU implementation in `tests.rs` and
+//!   `tests_moe_attention.rs`.
+//! - [`engine`]: [`GpuModel`], the whole forward pass for a batch of
+//!   sequences, with the routing buffer that a selection policy rewrites.
+//! - [`bench`]: kernel micro-benchmarks (matmul on GPU and CPU, selection).
 //!
 //! Typical use: upload, record kernels into an encoder, submit, read back.
 //!
