@@ -51,6 +51,25 @@ pub fn read_golden(fixture: &str) -> Vec<GoldenSeq> {
     out
 }
 
+/// Reads a golden JSON file (a test fixture), naming it on failure.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A JSON array of token ids.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    let ids = v
+        .as_array()
+        .unwrap_or_else(|| panic!("expected an array of token ids, found {v}"));
+    ids.iter()
+        .map(|x| {
+            x.as_u64()
+                .unwrap_or_else(|| panic!("token id {x} is not a whole number")) as u32
+        })
+        .collect()
+}
+
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes
         .chunks_exact(4)

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use lynx::generate::{GenerateOptions, generate};
 use lynx::{ChatMessage, LoadedModel, Logits, load};
-use lynx_tests::repo_root;
+use lynx_tests::{json_ids, read_json, repo_root};
 use serde_json::Value;
 
 /// Max |logit error| over the top-20 entries at every position, on logits
@@ -32,16 +32,7 @@ fn model_path() -> PathBuf {
 }
 
 fn golden() -> Value {
-    let p = repo_root().join("models/lynx-moe-135m/golden.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    read_json(&repo_root().join("models/lynx-moe-135m/golden.json"))
 }
 
 fn demo() -> LoadedModel {
@@ -74,7 +65,7 @@ fn logits_match_transformers() {
     let v = m.model.config.vocab_size;
     let g = golden();
     let seqs = g["sequences"].as_array().unwrap();
-    let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["ids"])).collect();
+    let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| json_ids(&s["ids"])).collect();
     let mut states: Vec<_> = prompts.iter().map(|_| m.model.new_sequence()).collect();
     let mut batch: Vec<_> = states
         .iter_mut()
@@ -86,7 +77,7 @@ fn logits_match_transformers() {
     for (i, (got, s)) in out.iter().zip(seqs).enumerate() {
         let n = prompts[i].len();
         assert_eq!(got.len(), n * v);
-        let argmax = ids(&s["argmax"]);
+        let argmax = json_ids(&s["argmax"]);
         for (t, top) in s["top20"].as_array().unwrap().iter().enumerate() {
             let row = &got[t * v..(t + 1) * v];
             for pair in top.as_array().unwrap() {
@@ -129,8 +120,8 @@ fn greedy_chat_matches_transformers() {
         let prompt = chat["prompt"].as_str().unwrap();
         let rendered = tok.apply_chat_template(&[ChatMessage::user(prompt)], true).unwrap();
         let prompt_ids = tok.encode(&rendered, true).unwrap();
-        assert_eq!(prompt_ids, ids(&chat["prompt_ids"]), "{prompt:?}: prompt ids");
-        let want = ids(&chat["greedy_ids"]);
+        assert_eq!(prompt_ids, json_ids(&chat["prompt_ids"]), "{prompt:?}: prompt ids");
+        let want = json_ids(&chat["greedy_ids"]);
         let opts = GenerateOptions {
             max_new_tokens: want.len(),
             ..GenerateOptions::default()

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use lynx::generate::{FinishReason, GenerateOptions, generate, generate_batch};
 use lynx::gpu::GpuModel;
 use lynx::{ChatMessage, LoadedModel, Logits, load};
-use lynx_tests::{f32s, fixtures_dir, gpu_ctx, max_abs_diff};
+use lynx_tests::{f32s, fixtures_dir, gpu_ctx, json_ids, max_abs_diff, read_json};
 use serde_json::Value;
 
 /// Max |logit error| at the last prompt position, on logits up to ~17.
@@ -29,16 +29,7 @@ fn model_path() -> PathBuf {
 }
 
 fn golden() -> Value {
-    let p = fixtures_dir().join("smollm2_golden.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    read_json(&fixtures_dir().join("smollm2_golden.json"))
 }
 
 fn smollm2() -> LoadedModel {
@@ -52,7 +43,7 @@ fn tokenizer_matches_transformers() {
     let g = golden();
     for probe in g["tokenizer_probes"].as_array().unwrap() {
         let text = probe["text"].as_str().unwrap();
-        let want = ids(&probe["ids"]);
+        let want = json_ids(&probe["ids"]);
         assert_eq!(tok.encode(text, true).unwrap(), want, "encoding {text:?}");
         assert_eq!(
             tok.decode(&want, false).unwrap(),
@@ -68,14 +59,14 @@ fn tokenizer_matches_transformers() {
     }];
     let rendered = tok.apply_chat_template(&msgs, true).unwrap();
     assert_eq!(rendered, chat["prompt_text"].as_str().unwrap());
-    assert_eq!(tok.encode(&rendered, true).unwrap(), ids(&chat["prompt_ids"]));
+    assert_eq!(tok.encode(&rendered, true).unwrap(), json_ids(&chat["prompt_ids"]));
 }
 
 #[test]
 fn last_position_logits_match_transformers() {
     let m = smollm2();
     let g = golden();
-    let prompt = ids(&g["prompts"]["plain"]["prompt_ids"]);
+    let prompt = json_ids(&g["prompts"]["plain"]["prompt_ids"]);
     let mut seq = m.model.new_sequence();
     let got = m
         .model
@@ -97,8 +88,8 @@ fn greedy_continuations_match_transformers() {
     let g = golden();
     for name in ["plain", "chat"] {
         let p = &g["prompts"][name];
-        let prompt = ids(&p["prompt_ids"]);
-        let want = ids(&p["greedy_new_ids"]);
+        let prompt = json_ids(&p["prompt_ids"]);
+        let want = json_ids(&p["greedy_new_ids"]);
         let opts = GenerateOptions {
             max_new_tokens: want.len(),
             ..GenerateOptions::default()
@@ -134,7 +125,7 @@ fn gpu_last_position_logits_match_transformers() {
     let m = smollm2();
     let Some(gpu) = smollm2_gpu(&m) else { return };
     let g = golden();
-    let prompt = ids(&g["prompts"]["plain"]["prompt_ids"]);
+    let prompt = json_ids(&g["prompts"]["plain"]["prompt_ids"]);
     let mut seq = gpu.new_sequence();
     let got = gpu
         .forward(&mut [(&mut seq, &prompt[..])], Logits::Last)
@@ -157,8 +148,8 @@ fn gpu_greedy_continuations_match_transformers() {
     let g = golden();
     for name in ["plain", "chat"] {
         let p = &g["prompts"][name];
-        let prompt = ids(&p["prompt_ids"]);
-        let want = ids(&p["greedy_new_ids"]);
+        let prompt = json_ids(&p["prompt_ids"]);
+        let want = json_ids(&p["greedy_new_ids"]);
         let opts = GenerateOptions {
             max_new_tokens: want.len(),
             ..GenerateOptions::default()
