@@ -15,7 +15,7 @@ const GRID_COLOR: Color32 = Color32::from_gray(55);
 const LABEL_COLOR: Color32 = Color32::from_gray(185);
 
 fn tooltips_id() -> egui::Id {
-    egui::Id::new("lynx-viewer-plot-tooltips-off")
+    egui::Id::unique("lynx-viewer-plot-tooltips-off")
 }
 
 /// Turns the plots' hover tooltips off or on, e.g. for scripted screenshots,

@@ -64,8 +64,7 @@ fn top_bar(ui: &mut Ui, s: &mut AppState) {
                 ui.add(
                     egui::ProgressBar::new(phase.fraction())
                         .desired_width(260.0)
-                        .text(format!("{name}: {}", phase.describe()))
-                        .animate(true),
+                        .text(format!("{name}: {}", phase.describe())),
                 );
             }
             ModelStatus::Ready(info) => {
@@ -167,11 +166,10 @@ fn sampling_ui(ui: &mut Ui, id: &str, settings: &mut SamplingSettings) {
 
 fn status_line(ui: &mut Ui, status: &ReplyStatus) {
     match status {
+        // No spinner: it would repaint at full frame rate, and on a software
+        // GPU drawing shares the CPU with the prefill it is waiting for.
         ReplyStatus::Queued => {
-            ui.horizontal(|ui| {
-                ui.spinner();
-                ui.label(RichText::new("waiting for prefill").weak().small());
-            });
+            ui.label(RichText::new("queued: waiting for prefill…").weak().small());
         }
         ReplyStatus::Streaming => {
             ui.label(RichText::new("• streaming").color(SELECTED_COLOR).small());
