@@ -18,7 +18,9 @@ Xvfb ":$n" -screen 0 1280x800x24 -nolisten tcp >/dev/null 2>&1 &
 xvfb=$!
 trap 'kill $xvfb 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -e "/tmp/.X11-unix/X$n" ] && break; sleep 0.1; done
-cargo build -p lynx-viewer
+# Built the way the tests build it (with their dev-dependency features), so
+# that this reuses the test build instead of compiling wgpu a second time.
+cargo test -p lynx-viewer --no-run
 mkdir -p "$(dirname "$out")"
 DISPLAY=":$n" target/debug/lynx-viewer --script "$script" --max-tokens "${MAX_TOKENS:-16}" --screenshot "$out"
 size=$(stat -c %s "$out")

@@ -130,6 +130,12 @@ impl ViewerApp {
 }
 
 impl eframe::App for ViewerApp {
+    /// Also runs while the window is hidden (the driver's waker asks for
+    /// it), so that events never pile up in the channel unread.
+    fn logic(&mut self, _ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        self.poll_driver();
+    }
+
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.frame(ui);
     }

@@ -119,10 +119,9 @@ fn main() -> anyhow::Result<()> {
     .map_err(|e| anyhow!("the window failed: {e}"))?;
 
     let code = exit_code.lock().ok().and_then(|c| *c);
-    match code {
-        Some(0) | None if args.script.is_none() => Ok(()),
-        Some(0) => Ok(()),
-        Some(c) => std::process::exit(c),
-        None => Err(anyhow!("the window closed before the script finished")),
+    match (args.script.is_some(), code) {
+        (false, _) | (true, Some(0)) => Ok(()),
+        (true, Some(c)) => std::process::exit(c),
+        (true, None) => Err(anyhow!("the window closed before the script finished")),
     }
 }

@@ -681,6 +681,7 @@ impl AppState {
             }
             DriverEvent::Loaded(info) => {
                 self.metrics.reset();
+                self.layer_row = None;
                 self.stats = SchedulerStats::default();
                 if let Some((e, k)) = info.experts {
                     let kind = self.policy.kind;
