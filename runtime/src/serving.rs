@@ -235,6 +235,38 @@ impl Scheduler {
     /// Queues a request; its events arrive on the returned handle.
     /// Dropping the handle cancels the request and frees its slot.
     pub fn submit(&self, prompt: Vec<u32>, opts: GenerateOptions) -> std::result::Result<RequestHandle, SubmitError> {
+        Self::check(&prompt, &opts)?;
+        let mut s = self.lock();
+        let r = self.push(&mut s, prompt, opts);
+        drop(s);
+        self.wake.notify_all();
+        r
+    }
+
+    /// Queues several requests under one lock, so that the loop admits them
+    /// in the same iteration (as far as `max_batch` leaves room): they are
+    /// prefilled together and decode as one batch from their first step.
+    /// Separate `submit` calls can be split by the loop waking in between.
+    /// Each request gets its own result, as from `submit`.
+    pub fn submit_batch(
+        &self,
+        requests: Vec<(Vec<u32>, GenerateOptions)>,
+    ) -> Vec<std::result::Result<RequestHandle, SubmitError>> {
+        let checked: Vec<_> = requests
+            .into_iter()
+            .map(|(p, o)| Self::check(&p, &o).map(|()| (p, o)))
+            .collect();
+        let mut s = self.lock();
+        let out = checked
+            .into_iter()
+            .map(|r| r.and_then(|(p, o)| self.push(&mut s, p, o)))
+            .collect();
+        drop(s);
+        self.wake.notify_all();
+        out
+    }
+
+    fn check(prompt: &[u32], opts: &GenerateOptions) -> std::result::Result<(), SubmitError> {
         if prompt.is_empty() {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
         }
@@ -244,7 +276,16 @@ impl Scheduler {
         if opts.stop.iter().any(|s| s.is_empty()) {
             return Err(SubmitError::Invalid("a stop string is empty".into()));
         }
-        let mut s = self.lock();
+        Ok(())
+    }
+
+    /// Queues one checked request; the caller holds the lock and wakes the loop.
+    fn push(
+        &self,
+        s: &mut Shared,
+        prompt: Vec<u32>,
+        opts: GenerateOptions,
+    ) -> std::result::Result<RequestHandle, SubmitError> {
         if s.shutdown {
             return Err(SubmitError::ShuttingDown);
         }
@@ -264,8 +305,6 @@ impl Scheduler {
             submitted: Instant::now(),
         });
         s.stats.queued = s.queue.len();
-        drop(s);
-        self.wake.notify_all();
         Ok(RequestHandle {
             id,
             events: rx,
@@ -503,5 +542,44 @@ impl Scheduler {
             first_token_s: r.first_token_s,
             total_s: r.submitted.elapsed().as_secs_f64(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submit_batch_queues_every_valid_request_and_refuses_each_bad_one_alone() {
+        let sched = Scheduler::new(SchedulerConfig {
+            max_batch: 8,
+            max_queue: 3,
+        })
+        .unwrap();
+        let ok = GenerateOptions::default();
+        let bad = GenerateOptions {
+            stop: vec![String::new()],
+            ..GenerateOptions::default()
+        };
+        let r = sched.submit_batch(vec![
+            (vec![1, 2], ok.clone()),
+            (vec![], ok.clone()),
+            (vec![3], bad),
+            (vec![4], ok.clone()),
+            (vec![5], ok.clone()),
+            (vec![6], ok.clone()),
+        ]);
+        assert!(r[0].is_ok() && r[3].is_ok() && r[4].is_ok());
+        assert!(matches!(r[1], Err(SubmitError::Invalid(_))));
+        assert!(matches!(r[2], Err(SubmitError::Invalid(_))));
+        assert!(matches!(r[5], Err(SubmitError::QueueFull(3))));
+        let ids: Vec<u64> = r.iter().filter_map(|h| h.as_ref().ok().map(|h| h.id)).collect();
+        assert_eq!(ids, [0, 1, 2]);
+        assert_eq!(sched.stats().queued, 3);
+        sched.shutdown();
+        assert!(matches!(
+            sched.submit_batch(vec![(vec![1], ok)])[0],
+            Err(SubmitError::ShuttingDown)
+        ));
     }
 }

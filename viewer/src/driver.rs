@@ -1,0 +1,187 @@
+//! The interface between the UI and whatever runs the model.
+//!
+//! The UI never calls the runtime directly: it sends [`Command`]s and
+//! drains [`DriverEvent`]s once per frame. The native driver
+//! (`native::NativeDriver`) runs the serving loop on std threads; a browser
+//! build can implement [`Driver`] on top of WebGPU futures instead, and the
+//! tests implement it with a scripted fake. Nothing here blocks.
+
+use std::sync::{Arc, Mutex};
+
+use lynx::ChatMessage;
+use lynx::generate::{FinishReason, GenerateOptions};
+use lynx::metrics::StepMetrics;
+use lynx::selection::ExpertPolicy;
+use lynx::serving::SchedulerStats;
+
+/// The UI's name for a request, chosen by the UI so that events can be
+/// matched to conversations before the scheduler has seen the request.
+pub type RequestId = u64;
+
+/// One generation request: a conversation rendered with the model's chat
+/// template, with its own sampling settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Submission {
+    pub id: RequestId,
+    pub messages: Vec<ChatMessage>,
+    pub options: GenerateOptions,
+}
+
+/// What the UI asks the driver to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    /// Load a model (a `.gguf` file or a checkpoint directory), replacing
+    /// the current one; `None` loads the default (demo) model.
+    Load { path: Option<String> },
+    /// Start these requests together, so that they decode as one batch.
+    Submit(Vec<Submission>),
+    /// Cancel a request; its batch slot is freed before the next step.
+    Stop(RequestId),
+    /// Use this expert-selection policy from the next decode step on.
+    SetPolicy(ExpertPolicy),
+    /// Read a text document (for batch document QA).
+    ReadDocument { path: String },
+}
+
+/// The phases of loading a model, for the progress bar.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LoadPhase {
+    /// Parsing the file and its tokenizer (no finer progress is known).
+    Reading,
+    /// Opening the GPU adapter.
+    OpeningGpu,
+    /// Uploading weights: `done` of `total` layers.
+    Uploading { done: usize, total: usize },
+}
+
+impl LoadPhase {
+    /// The fraction of the whole load that is done, for a progress bar.
+    /// Reading and opening the GPU are short next to the upload, so they
+    /// take the first tenth of the bar.
+    pub fn fraction(&self) -> f32 {
+        match *self {
+            LoadPhase::Reading => 0.02,
+            LoadPhase::OpeningGpu => 0.08,
+            LoadPhase::Uploading { done, total } => 0.1 + 0.9 * (done as f32 / total.max(1) as f32),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match *self {
+            LoadPhase::Reading => "reading the model file and tokenizer".into(),
+            LoadPhase::OpeningGpu => "opening the GPU".into(),
+            LoadPhase::Uploading { done, total } => format!("uploading weights: layer {done}/{total}"),
+        }
+    }
+}
+
+/// What the UI needs to know about a loaded model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInfo {
+    pub path: String,
+    /// Architecture and size, e.g. `Mixtral, 30 layers, 16 experts top-8`.
+    pub description: String,
+    pub num_layers: usize,
+    /// E and K; `None` for a dense model (no expert selection).
+    pub experts: Option<(usize, usize)>,
+    pub has_chat_template: bool,
+    /// The GPU adapter, as the runtime reports it.
+    pub adapter: String,
+    pub context_length: usize,
+}
+
+/// How a request ended, as the UI shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finished {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub finish: FinishReason,
+    /// Seconds from submission to the first token, and to the end.
+    pub first_token_s: f64,
+    pub total_s: f64,
+}
+
+/// What the driver reports back.
+#[derive(Clone, Debug)]
+pub enum DriverEvent {
+    LoadProgress(LoadPhase),
+    Loaded(ModelInfo),
+    LoadFailed(String),
+    /// The request's prompt was prefilled.
+    Started {
+        id: RequestId,
+        prompt_tokens: usize,
+    },
+    Text {
+        id: RequestId,
+        delta: String,
+    },
+    Done {
+        id: RequestId,
+        finished: Finished,
+    },
+    Failed {
+        id: RequestId,
+        error: String,
+    },
+    /// One forward step's routing metrics.
+    Metrics(Arc<StepMetrics>),
+    Stats(SchedulerStats),
+    /// The policy now in force (after a `SetPolicy`, or a model load).
+    PolicyApplied(ExpertPolicy),
+    PolicyRejected(String),
+    Document {
+        path: String,
+        text: String,
+    },
+    DocumentFailed(String),
+}
+
+/// Something that runs the model for the UI.
+pub trait Driver {
+    fn send(&mut self, command: Command);
+    /// Every event since the last call, oldest first; never blocks.
+    fn poll(&mut self) -> Vec<DriverEvent>;
+}
+
+/// A driver that runs nothing: it records the commands it is sent and
+/// returns the events queued with [`RecordingDriver::push`]. Clones share
+/// one record, so a test keeps a clone while the app owns the other. Tests
+/// and fixed-state renders use it.
+#[derive(Clone, Default)]
+pub struct RecordingDriver {
+    inner: Arc<Mutex<Recorded>>,
+}
+
+#[derive(Default)]
+struct Recorded {
+    sent: Vec<Command>,
+    queued: Vec<DriverEvent>,
+}
+
+impl RecordingDriver {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recorded> {
+        // The record is plain data; a test that panicked mid-push leaves it usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues an event for the next `poll`.
+    pub fn push(&self, event: DriverEvent) {
+        self.lock().queued.push(event);
+    }
+
+    /// Every command sent so far, oldest first.
+    pub fn sent(&self) -> Vec<Command> {
+        self.lock().sent.clone()
+    }
+}
+
+impl Driver for RecordingDriver {
+    fn send(&mut self, command: Command) {
+        self.lock().sent.push(command);
+    }
+
+    fn poll(&mut self) -> Vec<DriverEvent> {
+        std::mem::take(&mut self.lock().queued)
+    }
+}
