@@ -34,6 +34,9 @@ impl Engine for Model {
     }
 }
 
+// Natively the GPU engine's forward pass blocks on its read-back; in the
+// browser only its async form exists (see `AsyncEngine`).
+#[cfg(not(target_arch = "wasm32"))]
 impl Engine for crate::gpu::GpuModel {
     type Seq = crate::gpu::GpuSequence;
     fn config(&self) -> &ModelConfig {

@@ -583,11 +583,7 @@ impl GgufFile {
         let buf = if len == 0 {
             Buffer::Owned(Vec::new())
         } else {
-            // SAFETY: the map is read-only. As with every memory-mapped model
-            // loader, the file must not be truncated or rewritten while it is
-            // mapped; that is a documented precondition of loading a model.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            Buffer::Mmap(map)
+            Buffer::map_file(&file, path)?
         };
         Self::from_buffer(path.to_path_buf(), Arc::new(buf))
     }

@@ -7,9 +7,13 @@
 //! E experts, K experts per token (top-k), I expert intermediate size.
 
 pub mod arch;
+// `lynx bench` and `lynx eval` block on the GPU between steps, which a
+// browser page cannot do; they are native tools.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod config;
 pub mod error;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod eval;
 pub mod export;
 pub mod generate;

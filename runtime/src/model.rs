@@ -350,7 +350,7 @@ impl Model {
                 conv(&mut l.weight);
             }
         };
-        let tied = std::ptr::eq(self.lm_head.weight.bytes().as_ptr(), self.embed_tokens.bytes().as_ptr());
+        let tied = self.lm_head.weight.same_storage(&self.embed_tokens);
         conv(&mut self.embed_tokens);
         if tied {
             self.lm_head.weight = self.embed_tokens.clone();

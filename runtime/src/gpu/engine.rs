@@ -303,10 +303,7 @@ impl GpuModel {
         let embed = GpuMatrix::upload(c, &model.embed_tokens)?;
         let tied = model.lm_head.weight.dtype == model.embed_tokens.dtype
             && model.lm_head.weight.shape == model.embed_tokens.shape
-            && std::ptr::eq(
-                model.lm_head.weight.bytes().as_ptr(),
-                model.embed_tokens.bytes().as_ptr(),
-            );
+            && model.lm_head.weight.same_storage(&model.embed_tokens);
         let lm_head = if tied {
             None
         } else {
@@ -634,8 +631,25 @@ impl GpuModel {
     /// Runs the new tokens of several sequences through the model, appending
     /// them to each sequence's KV cache, and returns one logits vector per
     /// sequence, as `Model::forward` does. Inputs are validated before any
-    /// cache is touched.
+    /// cache is touched. Blocks until the logits are back (native only; see
+    /// [`GpuModel::forward_async`], which this drives).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward(&self, batch: &mut [(&mut GpuSequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
+        // The read-backs inside poll the device themselves, so the future
+        // never waits on anything but the GPU and blocking on it is safe.
+        pollster::block_on(self.forward_async(batch, logits))
+    }
+
+    /// The forward pass, as a future: the one implementation behind
+    /// [`GpuModel::forward`]. Its only waits are the read-backs of the
+    /// logits (and of the step metrics), which in the browser complete on
+    /// the JS event loop. Calls must not overlap: the page drives one step
+    /// at a time.
+    pub async fn forward_async(
+        &self,
+        batch: &mut [(&mut GpuSequence, &[u32])],
+        logits: Logits,
+    ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
         for (seq, tokens) in batch.iter() {
             if tokens.is_empty() {
@@ -729,7 +743,7 @@ impl GpuModel {
                         seqs.push(s);
                     }
                 }
-                self.step(&mut seqs, &order, &pieces, &want)?
+                self.step(&mut seqs, &order, &pieces, &want).await?
             };
             for ((_, b), r) in want.iter().zip(rows.chunks(v)) {
                 out[*b].extend_from_slice(r);
@@ -741,7 +755,7 @@ impl GpuModel {
     /// One pass through the layers for `pieces` = (sequence, its cached
     /// length, new tokens); `seqs[i]` is sequence `order[i]`. Returns the
     /// logits of rows `want` (row index within the step), concatenated.
-    fn step(
+    async fn step(
         &self,
         seqs: &mut [&mut GpuSequence],
         order: &[usize],
@@ -750,7 +764,7 @@ impl GpuModel {
     ) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let ctx = &*self.ctx;
-        let started = std::time::Instant::now();
+        let started = web_time::Instant::now();
         let (c, h, hkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let t: usize = pieces.iter().map(|(_, _, p)| p.len()).sum();
         let slot = |b: usize| order.iter().position(|&o| o == b).unwrap_or(0);
@@ -897,10 +911,10 @@ impl GpuModel {
         // Final norm and head, only on the wanted rows.
         let r = want.len();
         let dispatches = enc.dispatches as u64;
-        let result = if r == 0 {
+        let logits_read = if r == 0 {
             ctx.submit(enc)?;
             self.sample_memory();
-            Vec::new()
+            None
         } else {
             let idx = ctx.upload_u32(
                 "logit rows",
@@ -922,16 +936,38 @@ impl GpuModel {
             )?;
             ctx.submit(enc)?;
             self.sample_memory();
-            ctx.read_f32(&logits)?
+            Some(ctx.start_read(logits.buffer(), logits.data_bytes(), "reading the logits back")?)
         };
-        if self.metrics_wanted()
-            && let Some(log) = &sc.expert_offsets
-        {
-            let m = self.read_metrics(sc, log, t, decode, policy_name(resolved, policy), started)?;
-            self.publish(m);
-        }
+        // The metric read-backs are started too before anything is awaited,
+        // so one wait serves all of them, and the locks are released before
+        // the first await: nothing is held while the GPU (or, in the
+        // browser, the event loop) runs.
+        let metric_reads = match (&sc.expert_offsets, self.metrics_wanted()) {
+            (Some(log), true) => {
+                let offsets = ctx.start_read(log.buffer(), log.data_bytes(), "reading the expert offsets back")?;
+                let plog = match &sc.policy_log {
+                    Some(l) => Some(ctx.start_read(l.buffer(), l.data_bytes(), "reading the policy log back")?),
+                    None => None,
+                };
+                Some((offsets, plog, log.shape[1]))
+            }
+            _ => None,
+        };
         drop(scratch_slot);
         drop(kv);
+        let result = match logits_read {
+            Some(read) => bytemuck::pod_collect_to_vec(&ctx.finish_read(read).await?),
+            None => Vec::new(),
+        };
+        if let Some((offsets, plog, e1)) = metric_reads {
+            let offsets: Vec<u32> = bytemuck::pod_collect_to_vec(&ctx.finish_read(offsets).await?);
+            let plog: Vec<u32> = match plog {
+                Some(read) => bytemuck::pod_collect_to_vec(&ctx.finish_read(read).await?),
+                None => Vec::new(),
+            };
+            let m = self.metrics_from(&offsets, e1, &plog, t, decode, policy_name(resolved, policy), started);
+            self.publish(m);
+        }
         for (b, _, toks) in pieces {
             seqs[slot(*b)].len += toks.len();
         }
@@ -943,26 +979,21 @@ impl GpuModel {
         Ok(result)
     }
 
-    /// Reads back this step's expert offsets and policy log and turns them
+    /// Turns a step's read-back expert offsets ((L, e1) u32) and policy log
     /// into [`StepMetrics`].
-    fn read_metrics(
+    #[allow(clippy::too_many_arguments)]
+    fn metrics_from(
         &self,
-        sc: &Scratch,
-        offsets_log: &GpuTensor,
+        offsets: &[u32],
+        e1: usize,
+        plog: &[u32],
         t: usize,
         decode: bool,
         policy: String,
-        started: std::time::Instant,
-    ) -> Result<StepMetrics> {
-        let ctx = &*self.ctx;
+        started: web_time::Instant,
+    ) -> StepMetrics {
         let k = self.config.moe.as_ref().map_or(0, |m| m.top_k);
-        let offsets = ctx.read_u32(offsets_log)?;
-        let plog = match &sc.policy_log {
-            Some(l) => ctx.read_u32(l)?,
-            None => Vec::new(),
-        };
         let exact = policy == "exact";
-        let e1 = offsets_log.shape[1];
         let rec = log_record_len(t, k);
         let mut layers = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
@@ -991,7 +1022,7 @@ impl GpuModel {
             });
         }
         let step = self.stats().steps as u64;
-        Ok(StepMetrics {
+        StepMetrics {
             step,
             policy,
             decode,
@@ -999,7 +1030,7 @@ impl GpuModel {
             top_k: k,
             layers,
             seconds: started.elapsed().as_secs_f64(),
-        })
+        }
     }
 
     fn publish(&self, m: StepMetrics) {

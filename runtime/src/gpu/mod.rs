@@ -30,6 +30,8 @@
 //! ```
 
 pub mod attention;
+// Benchmarks block on the GPU and time with std's clock: native only.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod context;
 pub mod engine;
@@ -44,6 +46,7 @@ mod tests;
 #[cfg(test)]
 mod tests_moe_attention;
 
+#[cfg(not(target_arch = "wasm32"))]
 pub use bench::{bench_cpu_matmul, bench_matmul, bench_selection};
 pub use context::{Elem, GpuContext, GpuEncoder, GpuFeatures, GpuOptions, GpuTensor};
 pub use engine::{GpuModel, GpuSequence, KV_PAGE, StepStats};
