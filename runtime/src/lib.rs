@@ -34,5 +34,5 @@ pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
 pub use loader::{LoadedModel, load};
 pub use model::{Logits, Model, Sequence};
-pub use tensor::{DType, QTensor};
+pub use tensor::{DType, QTensor, WeightVec};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -272,6 +272,41 @@ impl QTensor {
     }
 }
 
+/// A weight vector (a norm's scale or a bias): its f32 values for the CPU,
+/// and the stored tensor they were read from, so that the GPU upload can
+/// write it like any other weight, also when the tensor is streamed and
+/// its values are not in memory (then `values` is empty).
+#[derive(Clone, Debug)]
+pub struct WeightVec {
+    pub values: Vec<f32>,
+    pub tensor: QTensor,
+}
+
+impl WeightVec {
+    /// The vector stored in `tensor` (1-D); decoded now when it is resident.
+    pub fn from_tensor(tensor: QTensor) -> WeightVec {
+        let values = if tensor.is_resident() {
+            tensor.to_f32()
+        } else {
+            Vec::new()
+        };
+        WeightVec { values, tensor }
+    }
+
+    /// A vector made from values (tests, converters), stored as F32.
+    pub fn from_values(name: impl Into<String>, values: Vec<f32>) -> WeightVec {
+        let tensor = QTensor::from_f32(name, vec![values.len()], &values);
+        WeightVec { values, tensor }
+    }
+}
+
+impl std::ops::Deref for WeightVec {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.values
+    }
+}
+
 /// Decodes `bytes` of `dtype` into `out`; `out.len()` values are produced.
 pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();

@@ -464,6 +464,12 @@ impl GpuContext {
         })
     }
 
+    /// An empty weight buffer of `bytes` (rounded up to whole vec4s) that
+    /// `gpu::upload` fills with `write_buffer`; `uniform` as for activations.
+    pub(crate) fn weight_buffer(&self, label: &str, bytes: u64, uniform: bool) -> Result<wgpu::Buffer> {
+        self.create_storage(label, bytes, None, uniform)
+    }
+
     /// A storage buffer holding `bytes` (padded with zeros to whole vec4s).
     pub(crate) fn upload_bytes(&self, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
         self.create_storage(label, bytes.len() as u64, Some(bytes), false)

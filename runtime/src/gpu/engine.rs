@@ -35,15 +35,18 @@ use std::sync::{Arc, Mutex};
 use crate::config::{ModelConfig, QkNorm};
 use crate::error::{Error, Result};
 use crate::gpu::attention::{AttentionShape, attention, clamp, gather_rows, kv_append};
+use crate::gpu::context::Elem;
 use crate::gpu::context::{GpuContext, GpuEncoder, GpuTensor};
 use crate::gpu::kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
 use crate::gpu::moe::{GpuExperts, Grouping, MoeInput, Routing, group_by_expert, moe_combine, moe_matmul, route_topk};
 use crate::gpu::selection::{PolicyBuffers, apply_policy, log_record_len};
+use crate::gpu::upload::{Convert, Part, WeightStream, WeightUpload};
 use crate::gpu::weights::GpuMatrix;
 use crate::linear::QLinear;
 use crate::metrics::{LayerMetrics, StepMetrics};
 use crate::model::{Ffn, Logits, Mlp, Model};
 use crate::selection::{ExpertPolicy, Resolved};
+use crate::tensor::{DType, WeightVec};
 
 /// Tokens per KV-cache page.
 pub const KV_PAGE: usize = 16;
@@ -60,10 +63,10 @@ pub struct GpuLinear {
 }
 
 impl GpuLinear {
-    fn upload(ctx: &GpuContext, l: &QLinear) -> Result<GpuLinear> {
-        let w = GpuMatrix::upload(ctx, &l.weight)?;
+    fn create(ctx: &GpuContext, up: &mut WeightUpload, l: &QLinear) -> Result<GpuLinear> {
+        let w = GpuMatrix::create(ctx, &l.weight, up, ctx.max_binding_bytes())?;
         let bias = match &l.bias {
-            Some(b) => Some(ctx.upload_f32(&format!("{} bias", l.weight.name), b, &[b.len()])?),
+            Some(b) => Some(vec_tensor(ctx, up, &format!("{} bias", l.weight.name), b)?),
             None => None,
         };
         Ok(GpuLinear { w, bias })
@@ -82,11 +85,11 @@ struct GpuMlp {
 }
 
 impl GpuMlp {
-    fn upload(ctx: &GpuContext, m: &Mlp) -> Result<GpuMlp> {
+    fn create(ctx: &GpuContext, up: &mut WeightUpload, m: &Mlp) -> Result<GpuMlp> {
         Ok(GpuMlp {
-            gate_proj: GpuLinear::upload(ctx, &m.gate_proj)?,
-            up_proj: GpuLinear::upload(ctx, &m.up_proj)?,
-            down_proj: GpuLinear::upload(ctx, &m.down_proj)?,
+            gate_proj: GpuLinear::create(ctx, up, &m.gate_proj)?,
+            up_proj: GpuLinear::create(ctx, up, &m.up_proj)?,
+            down_proj: GpuLinear::create(ctx, up, &m.down_proj)?,
         })
     }
 
@@ -290,24 +293,71 @@ impl std::fmt::Debug for GpuModel {
     }
 }
 
-fn vec_tensor(ctx: &GpuContext, label: &str, v: &[f32]) -> Result<GpuTensor> {
-    ctx.upload_f32(label, v, &[v.len()])
+/// A weight vector (norm, bias) as an f32 tensor, written from its stored
+/// tensor like every other weight (so it can be streamed too).
+fn vec_tensor(ctx: &GpuContext, up: &mut WeightUpload, label: &str, v: &WeightVec) -> Result<GpuTensor> {
+    let t = &v.tensor;
+    let n = t.numel();
+    let buffer = match t.dtype {
+        DType::F32 | DType::F16 | DType::BF16 => {
+            let part = Part {
+                tensor: t,
+                bytes: 0..t.byte_range().len(),
+                convert: Convert::between(t.dtype, DType::F32),
+            };
+            up.buffer(ctx, label, n as u64 * 4, true, &[part])?
+        }
+        // No known checkpoint quantises a vector; one in memory is decoded
+        // already, and a streamed one cannot be decoded in pieces.
+        _ if t.is_resident() => ctx.upload_f32(label, &v.values, &[n])?.buffer,
+        d => {
+            return Err(Error::Gpu(format!(
+                "vector `{}` is stored as {d}; a streamed vector must be F32, F16 or BF16",
+                t.name
+            )));
+        }
+    };
+    Ok(GpuTensor {
+        buffer,
+        shape: vec![n],
+        elem: Elem::F32,
+    })
 }
 
 impl GpuModel {
-    /// Uploads `model`'s weights in their stored formats (F16/BF16 widened
-    /// to F32). `progress(done, total)` is called after each layer.
-    pub fn upload(ctx: Arc<GpuContext>, model: &Model, mut progress: impl FnMut(usize, usize)) -> Result<GpuModel> {
+    /// Uploads `model`'s weights (in memory) in their stored formats
+    /// (F16/BF16 widened to F32). `progress(done, total)` is called after
+    /// each layer.
+    pub fn upload(ctx: Arc<GpuContext>, model: &Model, progress: impl FnMut(usize, usize)) -> Result<GpuModel> {
+        let (gpu, stream) = Self::create(ctx, model, progress)?;
+        // Nothing is left to stream for a model in memory; this checks that
+        // and finishes the writes.
+        stream.finish()?;
+        Ok(gpu)
+    }
+
+    /// Creates every GPU buffer of `model` and writes the weights that are
+    /// in memory; the returned [`WeightStream`] writes the others (a model
+    /// built over a streamed GGUF, see [`crate::gpu::GgufStreamLoad`]) as
+    /// their bytes arrive. The model is ready once the stream has finished.
+    /// This is the one upload path, for files on disk and for streams.
+    pub fn create(
+        ctx: Arc<GpuContext>,
+        model: &Model,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<(GpuModel, WeightStream)> {
         let cfg = model.config.clone();
-        let c = &ctx;
-        let embed = GpuMatrix::upload(c, &model.embed_tokens)?;
+        let mut upload = WeightUpload::default();
+        let up = &mut upload;
+        let c = &*ctx;
+        let embed = GpuMatrix::create(c, &model.embed_tokens, up, c.max_binding_bytes())?;
         let tied = model.lm_head.weight.dtype == model.embed_tokens.dtype
             && model.lm_head.weight.shape == model.embed_tokens.shape
             && model.lm_head.weight.same_storage(&model.embed_tokens);
         let lm_head = if tied {
             None
         } else {
-            Some(GpuMatrix::upload(c, &model.lm_head.weight)?)
+            Some(GpuMatrix::create(c, &model.lm_head.weight, up, c.max_binding_bytes())?)
         };
         if model.lm_head.bias.is_some() {
             return Err(Error::Gpu("an lm_head bias is not supported on the GPU".into()));
@@ -316,7 +366,7 @@ impl GpuModel {
         for (l, layer) in model.layers.iter().enumerate() {
             let a = &layer.self_attn;
             let ffn = match &layer.ffn {
-                Ffn::Dense(m) => GpuFfn::Dense(GpuMlp::upload(c, m)?),
+                Ffn::Dense(m) => GpuFfn::Dense(GpuMlp::create(c, up, m)?),
                 Ffn::Moe(moe) => {
                     let pick = |f: fn(&Mlp) -> &QLinear| moe.experts.iter().map(|e| &f(e).weight).collect::<Vec<_>>();
                     if moe
@@ -329,44 +379,52 @@ impl GpuModel {
                         )));
                     }
                     let shared = match &moe.shared_expert {
-                        Some((m, g)) => Some((GpuMlp::upload(c, m)?, GpuLinear::upload(c, g)?)),
+                        Some((m, g)) => Some((GpuMlp::create(c, up, m)?, GpuLinear::create(c, up, g)?)),
                         None => None,
                     };
                     GpuFfn::Moe(GpuMoe {
-                        router: GpuLinear::upload(c, &moe.gate)?,
-                        gate_proj: GpuExperts::upload(
+                        router: GpuLinear::create(c, up, &moe.gate)?,
+                        gate_proj: GpuExperts::create(
                             c,
                             &format!("layers.{l}.experts.gate_proj"),
                             &pick(|m| &m.gate_proj),
+                            up,
                         )?,
-                        up_proj: GpuExperts::upload(c, &format!("layers.{l}.experts.up_proj"), &pick(|m| &m.up_proj))?,
-                        down_proj: GpuExperts::upload(
+                        up_proj: GpuExperts::create(
+                            c,
+                            &format!("layers.{l}.experts.up_proj"),
+                            &pick(|m| &m.up_proj),
+                            up,
+                        )?,
+                        down_proj: GpuExperts::create(
                             c,
                             &format!("layers.{l}.experts.down_proj"),
                             &pick(|m| &m.down_proj),
+                            up,
                         )?,
                         shared,
                     })
                 }
             };
             layers.push(GpuLayer {
-                input_layernorm: vec_tensor(c, &format!("layers.{l}.input_layernorm"), &layer.input_layernorm)?,
-                q_proj: GpuLinear::upload(c, &a.q_proj)?,
-                k_proj: GpuLinear::upload(c, &a.k_proj)?,
-                v_proj: GpuLinear::upload(c, &a.v_proj)?,
-                o_proj: GpuLinear::upload(c, &a.o_proj)?,
+                input_layernorm: vec_tensor(c, up, &format!("layers.{l}.input_layernorm"), &layer.input_layernorm)?,
+                q_proj: GpuLinear::create(c, up, &a.q_proj)?,
+                k_proj: GpuLinear::create(c, up, &a.k_proj)?,
+                v_proj: GpuLinear::create(c, up, &a.v_proj)?,
+                o_proj: GpuLinear::create(c, up, &a.o_proj)?,
                 q_norm: a
                     .q_norm
                     .as_ref()
-                    .map(|w| vec_tensor(c, &format!("layers.{l}.q_norm"), w))
+                    .map(|w| vec_tensor(c, up, &format!("layers.{l}.q_norm"), w))
                     .transpose()?,
                 k_norm: a
                     .k_norm
                     .as_ref()
-                    .map(|w| vec_tensor(c, &format!("layers.{l}.k_norm"), w))
+                    .map(|w| vec_tensor(c, up, &format!("layers.{l}.k_norm"), w))
                     .transpose()?,
                 post_attention_layernorm: vec_tensor(
                     c,
+                    up,
                     &format!("layers.{l}.post_attention_layernorm"),
                     &layer.post_attention_layernorm,
                 )?,
@@ -374,14 +432,14 @@ impl GpuModel {
             });
             progress(l + 1, model.layers.len());
         }
-        let norm = vec_tensor(c, "norm", &model.norm)?;
+        let norm = vec_tensor(c, up, "norm", &model.norm)?;
         let kv = Self::new_pool(c, &cfg, INITIAL_PAGES)?;
         let alloc = PageAllocator {
             capacity: INITIAL_PAGES,
             free: (0..INITIAL_PAGES as u32).rev().collect(),
         };
-        ctx.wait()?;
-        Ok(GpuModel {
+        let stream = upload.into_stream(ctx.clone())?;
+        let gpu = GpuModel {
             ctx,
             config: cfg,
             embed,
@@ -397,7 +455,8 @@ impl GpuModel {
             collect_metrics: false,
             subscribers: Mutex::new(Vec::new()),
             last_metrics: Mutex::new(None),
-        })
+        };
+        Ok((gpu, stream))
     }
 
     fn new_pool(ctx: &GpuContext, cfg: &ModelConfig, pages: usize) -> Result<KvPool> {

@@ -39,6 +39,7 @@ pub mod kernels;
 pub mod moe;
 pub mod pipelines;
 pub mod selection;
+pub mod upload;
 pub mod weights;
 
 #[cfg(test)]
@@ -52,4 +53,5 @@ pub use context::{Elem, GpuContext, GpuEncoder, GpuFeatures, GpuOptions, GpuTens
 pub use engine::{GpuModel, GpuSequence, KV_PAGE, StepStats};
 pub use kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
 pub use pipelines::{DefineValue, ShaderSpec};
+pub use upload::{GgufStreamLoad, WeightStream};
 pub use weights::GpuMatrix;
