@@ -165,8 +165,12 @@ fn device_type_rank(t: wgpu::DeviceType) -> u8 {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 const NO_ADAPTER_FIX: &str = "install a Vulkan driver, e.g. `apt-get install mesa-vulkan-drivers` \
      for the software lavapipe driver (or set WGPU_BACKEND to a backend this machine has)";
+#[cfg(target_arch = "wasm32")]
+const NO_ADAPTER_FIX: &str = "the browser has WebGPU but handed out no adapter (it may be blocklisted here; \
+     Chromium offers a software one with --enable-unsafe-webgpu)";
 
 impl GpuContext {
     /// Creates the instance (honouring `WGPU_BACKEND` and the other wgpu
@@ -249,7 +253,7 @@ impl GpuContext {
             }
         }
         if adapters.is_empty() {
-            return Err(Error::Gpu(format!("no GPU/Vulkan adapter was found; {NO_ADAPTER_FIX}")));
+            return Err(Error::Gpu(format!("no GPU adapter was found; {NO_ADAPTER_FIX}")));
         }
         let all_names: Vec<String> = adapters
             .iter()
@@ -280,6 +284,20 @@ impl GpuContext {
     /// One line describing the chosen adapter, its driver and what we enabled.
     pub fn adapter_report(&self) -> String {
         let i = &self.info;
+        format!(
+            "adapter `{}` on {:?}, device type {:?}, driver `{}` ({}); {}",
+            i.name,
+            i.backend,
+            i.device_type,
+            i.driver,
+            i.driver_info,
+            self.capabilities()
+        )
+    }
+
+    /// The optional features that are on and the limits that size weight
+    /// chunks and tiles, in one line (part of [`GpuContext::adapter_report`]).
+    pub fn capabilities(&self) -> String {
         let f = self.features;
         let on: Vec<&str> = [
             ("shader-f16", f.shader_f16),
@@ -291,13 +309,7 @@ impl GpuContext {
         .map(|(n, _)| *n)
         .collect();
         format!(
-            "adapter `{}` on {:?}, device type {:?}, driver `{}` ({}); features: {}; max storage binding {} MiB, \
-             max buffer {} MiB, workgroup memory {} KiB",
-            i.name,
-            i.backend,
-            i.device_type,
-            i.driver,
-            i.driver_info,
+            "features: {}; max storage binding {} MiB, max buffer {} MiB, workgroup memory {} KiB",
             if on.is_empty() {
                 "none".to_string()
             } else {
