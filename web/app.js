@@ -36,7 +36,9 @@ async function browserAdapter() {
       return "";
     }
     const i = a.info || {};
-    const fallback = (a.isFallbackAdapter ?? i.isFallbackAdapter) ? ", a fallback (software) adapter" : "";
+    const fallback = (a.isFallbackAdapter ?? i.isFallbackAdapter)
+      ? ", a software fallback adapter (the CPU path, ?cpu, may well be faster here)"
+      : "";
     return [i.vendor, i.architecture, i.device, i.description].filter((x) => x).join(" ") + fallback;
   } catch (e) {
     return "";

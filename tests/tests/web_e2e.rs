@@ -126,21 +126,24 @@ fn replies(report: &Value) -> Vec<(String, Vec<u32>)> {
         .collect()
 }
 
-/// Loads the page at `query` in Chromium, runs the prompts `runs` times and
-/// returns the driver's JSON.
-fn browse(root: &Path, base: &str, query: &str, runs: usize, shot: &Path) -> Value {
+/// Loads the page at `query` in Chromium (and the model through its file
+/// picker when `pick` is given), runs the prompts `runs` times and returns
+/// the driver's JSON.
+fn browse(root: &Path, base: &str, query: &str, runs: usize, shot: &Path, pick: Option<&Path>) -> Value {
     let web = root.join("web");
     let _ = std::fs::remove_file(shot);
     let request = serde_json::json!({ "prompts": PROMPTS, "max_new_tokens": MAX_NEW_TOKENS });
-    let out = Command::new("node")
-        .arg(web.join("e2e/e2e.mjs"))
+    let mut cmd = Command::new("node");
+    cmd.arg(web.join("e2e/e2e.mjs"))
         .arg(format!("{base}?{query}"))
         .arg(request.to_string())
         .arg(shot)
         .arg(runs.to_string())
-        .current_dir(&web)
-        .output()
-        .expect("running node");
+        .current_dir(&web);
+    if let Some(file) = pick {
+        cmd.arg(file);
+    }
+    let out = cmd.output().expect("running node");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the browser driver failed:\n{stderr}");
     let result: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -205,7 +208,17 @@ fn browser_demo_generates_what_the_native_runtime_does() {
         "Chromium",
         "apt-get install -y chromium (or point LYNX_CHROMIUM at a Chromium binary)",
     );
-    require(runs("node", "--version"), "node", "apt-get install -y nodejs");
+    let node_major = Command::new("node")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|v| v.trim().trim_start_matches('v').split('.').next()?.parse::<u32>().ok());
+    require(
+        node_major.is_some_and(|m| m >= 20),
+        "node 20 or later (playwright-core needs it)",
+        "apt-get install -y nodejs, or a newer node from nodejs.org",
+    );
     require(
         web.join("node_modules/playwright-core").is_dir(),
         "playwright-core",
@@ -236,7 +249,7 @@ fn browser_demo_generates_what_the_native_runtime_does() {
     // The page as a visitor gets it: WebGPU when the browser offers it.
     // Two runs: the first compiles the pipelines, the second is warm.
     let shot = root.join("target/web-e2e.png");
-    let result = browse(&root, &base, "autoload", 2, &shot);
+    let result = browse(&root, &base, "autoload", 2, &shot, None);
     let backend = &result["backend"];
     eprintln!("browser backend: {backend}");
     eprintln!("browser's own adapter view: {}", result["gpu"]);
@@ -260,11 +273,15 @@ fn browser_demo_generates_what_the_native_runtime_does() {
     }
     eprintln!("screenshot: {}", shot.display());
 
-    // The CPU fallback, asked for explicitly, against the CPU reference.
+    // The CPU fallback, asked for explicitly, against the CPU reference;
+    // the model comes through the page's file picker this time.
     let shot = root.join("target/web-e2e-cpu.png");
-    let result = browse(&root, &base, "autoload&cpu", 1, &shot);
+    let model_file = lynx::loader::demo_moe_gguf_path();
+    let result = browse(&root, &base, "cpu", 1, &shot, Some(&model_file));
     assert_eq!(result["backend"]["kind"], "cpu");
     assert_eq!(result["model"]["engine"], "cpu");
+    let name = result["modelName"].as_str().unwrap_or_default();
+    assert!(name.starts_with("lynx-moe-135m.Q4_0.gguf:"), "the picked file: {name}");
     check("CPU fallback page", &result, &loaded.model, &tok);
     eprintln!("screenshot: {}", shot.display());
 

@@ -2,8 +2,10 @@
 // browser) for the end-to-end test (tests/tests/web_e2e.rs), which starts
 // the server and compares the output with the native runtime's.
 //
-//   node web/e2e/e2e.mjs <page url> <request json> <screenshot.png> [runs]
+//   node web/e2e/e2e.mjs <page url> <request json> <screenshot.png> [runs] [model file]
 //
+// With a model file, the page loads it through its file picker (the
+// `File.stream()` path) instead of fetching it (`?autoload` in the url).
 // Runs the request `runs` times (default 1) in the same page: the first run
 // compiles the GPU pipelines, later ones show the warm speed. Prints one
 // JSON object on stdout: the backend and model the page reports, the
@@ -15,7 +17,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-const [url, requestJson, screenshot, runsArg] = process.argv.slice(2);
+const [url, requestJson, screenshot, runsArg, modelFile] = process.argv.slice(2);
 const runs = Number(runsArg || 1);
 if (!url || !requestJson || !screenshot) {
   console.error("usage: node e2e.mjs <page url> <request json> <screenshot.png>");
@@ -67,6 +69,13 @@ try {
     };
   });
 
+  if (modelFile) {
+    await page.waitForFunction(() => window.lynx && (window.lynx.ready || window.lynx.error), null, {
+      timeout: 5 * 60 * 1000,
+      polling: 100,
+    });
+    await page.setInputFiles("#file", modelFile);
+  }
   await page.waitForFunction(() => window.lynx && (window.lynx.loaded || window.lynx.error), null, {
     timeout: 15 * 60 * 1000,
     polling: 250,
@@ -75,6 +84,7 @@ try {
     error: window.lynx.error,
     backend: window.lynx.backend,
     model: window.lynx.model,
+    modelName: document.getElementById("model").textContent,
     loadSeconds: window.lynx.loadSeconds,
   }));
   const reports = [];
