@@ -154,6 +154,9 @@ impl std::fmt::Debug for GpuContext {
     }
 }
 
+/// The most storage buffers one kernel binds (split attention, grouped MoE).
+const MAX_STORAGE_BINDINGS: u32 = 7;
+
 /// Lower rank is preferred: real GPUs first, software rasterisers last.
 fn device_type_rank(t: wgpu::DeviceType) -> u8 {
     match t {
@@ -218,6 +221,15 @@ impl GpuContext {
             }
         }));
         let limits = device.limits();
+        // Every WebGPU adapter allows 8; a native one could allow fewer, and
+        // then kernels would fail to build with a much less direct message.
+        if limits.max_storage_buffers_per_shader_stage < MAX_STORAGE_BINDINGS {
+            return Err(Error::Gpu(format!(
+                "adapter `{}` allows {} storage buffers per shader stage; the attention and MoE kernels bind \
+                 {MAX_STORAGE_BINDINGS}",
+                info.name, limits.max_storage_buffers_per_shader_stage
+            )));
+        }
         let dummy = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("dummy (absent optional input)"),
             size: 4,
