@@ -69,6 +69,10 @@ impl Backend {
             check_errors: false,
         };
         match GpuContext::new_async(opts).await {
+            // wgpu's browser types are neither Send nor Sync, but the runtime
+            // shares a context as an Arc (native code does use threads); the
+            // page has one thread, so here the Arc is just a reference count.
+            #[allow(clippy::arc_with_non_send_sync)]
             Ok(ctx) => Backend::Gpu(Arc::new(ctx)),
             Err(e) => Backend::Cpu {
                 why: format!(
@@ -103,7 +107,9 @@ impl Backend {
     }
 }
 
-/// The model, on whichever backend.
+/// The model, on whichever backend (one per page, so the variants' sizes
+/// do not matter).
+#[allow(clippy::large_enum_variant)]
 pub enum Engine {
     Gpu(GpuModel),
     Cpu(Model),
@@ -154,6 +160,7 @@ impl Loaded {
 /// Receives a model file chunk by chunk. On WebGPU each chunk goes straight
 /// to the GPU buffers; on the CPU the file is collected in memory (the CPU
 /// reference computes from it), which the page says.
+#[allow(clippy::large_enum_variant)]
 pub enum ModelLoad {
     Gpu { load: GgufStreamLoad, name: String },
     Cpu { name: String, bytes: Vec<u8> },

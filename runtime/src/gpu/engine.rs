@@ -891,129 +891,131 @@ impl GpuModel {
         let dest_t = ctx.upload_u32("step cache rows", &dest, &[t])?;
         let pages_t = ctx.upload_u32("step page table", &table, &[seqs.len(), max_pages])?;
 
-        let kv = self.kv.lock().map_err(|_| Error::Gpu("KV pool lock poisoned".into()))?;
-        let mut scratch_slot = self
-            .scratch
-            .lock()
-            .map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
-        if scratch_slot.as_ref().is_none_or(|s| s.t != t) {
-            // Free the old step's buffers before allocating the new ones.
-            *scratch_slot = None;
-            *scratch_slot = Some(self.new_scratch(t)?);
-        }
-        let sc = scratch_slot
-            .as_ref()
-            .ok_or_else(|| Error::Gpu("step scratch missing".into()))?;
-        let mut enc = ctx.encoder("forward step");
-        let x = &sc.x;
-        embed_rows(ctx, &mut enc, &self.embed, &ids_t, x)?;
-        let shape = AttentionShape {
-            heads: h,
-            kv_heads: hkv,
-            head_dim: d,
-            page: KV_PAGE,
-            max_pages,
-            max_keys,
-            sliding_window: cfg.sliding_window,
-        };
-        for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm_rows(ctx, &mut enc, x, &layer.input_layernorm, &sc.h, c, cfg.rms_norm_eps)?;
-            layer.q_proj.forward(ctx, &mut enc, &sc.h, &sc.q)?;
-            layer.k_proj.forward(ctx, &mut enc, &sc.h, &sc.k)?;
-            layer.v_proj.forward(ctx, &mut enc, &sc.h, &sc.v)?;
-            // q/k norm: over the whole vector (OLMoE) or each head (Qwen3).
-            let norm_len = |heads: usize| {
-                if cfg.qk_norm == QkNorm::PerHead { d } else { heads * d }
+        // Everything that holds the KV pool and scratch locks is in this block,
+        // so they are released before the first await.
+        let (logits_read, metric_reads, dispatches) = {
+            let kv = self.kv.lock().map_err(|_| Error::Gpu("KV pool lock poisoned".into()))?;
+            let mut scratch_slot = self
+                .scratch
+                .lock()
+                .map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
+            if scratch_slot.as_ref().is_none_or(|s| s.t != t) {
+                // Free the old step's buffers before allocating the new ones.
+                *scratch_slot = None;
+                *scratch_slot = Some(self.new_scratch(t)?);
+            }
+            let sc = scratch_slot
+                .as_ref()
+                .ok_or_else(|| Error::Gpu("step scratch missing".into()))?;
+            let mut enc = ctx.encoder("forward step");
+            let x = &sc.x;
+            embed_rows(ctx, &mut enc, &self.embed, &ids_t, x)?;
+            let shape = AttentionShape {
+                heads: h,
+                kv_heads: hkv,
+                head_dim: d,
+                page: KV_PAGE,
+                max_pages,
+                max_keys,
+                sliding_window: cfg.sliding_window,
             };
-            let mut q = &sc.q;
-            let mut k = &sc.k;
-            if let Some(w) = &layer.q_norm {
-                rms_norm_rows(ctx, &mut enc, q, w, &sc.qn, norm_len(h), cfg.rms_norm_eps)?;
-                q = &sc.qn;
-            }
-            if let Some(w) = &layer.k_norm {
-                rms_norm_rows(ctx, &mut enc, k, w, &sc.kn, norm_len(hkv), cfg.rms_norm_eps)?;
-                k = &sc.kn;
-            }
-            if let Some(limit) = cfg.clip_qkv {
-                for x in [q, k, &sc.v] {
-                    clamp(ctx, &mut enc, x, limit)?;
-                }
-            }
-            rope_heads(ctx, &mut enc, q, &pos_t, h, d, cfg.rope_theta, cfg.rope_style)?;
-            rope_heads(ctx, &mut enc, k, &pos_t, hkv, d, cfg.rope_theta, cfg.rope_style)?;
-            let (kc, vc) = &kv.layers[l];
-            kv_append(ctx, &mut enc, k, &sc.v, &dest_t, kc, vc)?;
-            attention(ctx, &mut enc, &shape, q, kc, vc, &tok_t, &pages_t, &sc.att)?;
-            layer.o_proj.forward(ctx, &mut enc, &sc.att, &sc.o)?;
-            add(ctx, &mut enc, x, &sc.o)?;
-
-            rms_norm_rows(
-                ctx,
-                &mut enc,
-                x,
-                &layer.post_attention_layernorm,
-                &sc.h,
-                c,
-                cfg.rms_norm_eps,
-            )?;
-            match &layer.ffn {
-                GpuFfn::Dense(mlp) => {
-                    let bufs = sc.mlp_for(mlp)?;
-                    mlp.forward(ctx, &mut enc, &sc.h, bufs)?;
-                    add(ctx, &mut enc, x, &bufs[3])?;
-                }
-                GpuFfn::Moe(moe) => self.moe(ctx, &mut enc, moe, sc, t, l, resolved)?,
-            }
-        }
-
-        // Final norm and head, only on the wanted rows.
-        let r = want.len();
-        let dispatches = enc.dispatches as u64;
-        let logits_read = if r == 0 {
-            ctx.submit(enc)?;
-            self.sample_memory();
-            None
-        } else {
-            let idx = ctx.upload_u32(
-                "logit rows",
-                &want.iter().map(|(i, _)| *i as u32).collect::<Vec<_>>(),
-                &[r],
-            )?;
-            let picked = ctx.zeros_f32("logit rows of x", &[r, c])?;
-            gather_rows(ctx, &mut enc, x, &idx, &picked)?;
-            let normed = ctx.zeros_f32("final norm", &[r, c])?;
-            rms_norm_rows(ctx, &mut enc, &picked, &self.norm, &normed, c, cfg.rms_norm_eps)?;
-            let logits = ctx.zeros_f32("logits", &[r, cfg.vocab_size])?;
-            matmul_nt(
-                ctx,
-                &mut enc,
-                &normed,
-                self.lm_head.as_ref().unwrap_or(&self.embed),
-                None,
-                &logits,
-            )?;
-            ctx.submit(enc)?;
-            self.sample_memory();
-            Some(ctx.start_read(logits.buffer(), logits.data_bytes(), "reading the logits back")?)
-        };
-        // The metric read-backs are started too before anything is awaited,
-        // so one wait serves all of them, and the locks are released before
-        // the first await: nothing is held while the GPU (or, in the
-        // browser, the event loop) runs.
-        let metric_reads = match (&sc.expert_offsets, self.metrics_wanted()) {
-            (Some(log), true) => {
-                let offsets = ctx.start_read(log.buffer(), log.data_bytes(), "reading the expert offsets back")?;
-                let plog = match &sc.policy_log {
-                    Some(l) => Some(ctx.start_read(l.buffer(), l.data_bytes(), "reading the policy log back")?),
-                    None => None,
+            for (l, layer) in self.layers.iter().enumerate() {
+                rms_norm_rows(ctx, &mut enc, x, &layer.input_layernorm, &sc.h, c, cfg.rms_norm_eps)?;
+                layer.q_proj.forward(ctx, &mut enc, &sc.h, &sc.q)?;
+                layer.k_proj.forward(ctx, &mut enc, &sc.h, &sc.k)?;
+                layer.v_proj.forward(ctx, &mut enc, &sc.h, &sc.v)?;
+                // q/k norm: over the whole vector (OLMoE) or each head (Qwen3).
+                let norm_len = |heads: usize| {
+                    if cfg.qk_norm == QkNorm::PerHead { d } else { heads * d }
                 };
-                Some((offsets, plog, log.shape[1]))
+                let mut q = &sc.q;
+                let mut k = &sc.k;
+                if let Some(w) = &layer.q_norm {
+                    rms_norm_rows(ctx, &mut enc, q, w, &sc.qn, norm_len(h), cfg.rms_norm_eps)?;
+                    q = &sc.qn;
+                }
+                if let Some(w) = &layer.k_norm {
+                    rms_norm_rows(ctx, &mut enc, k, w, &sc.kn, norm_len(hkv), cfg.rms_norm_eps)?;
+                    k = &sc.kn;
+                }
+                if let Some(limit) = cfg.clip_qkv {
+                    for x in [q, k, &sc.v] {
+                        clamp(ctx, &mut enc, x, limit)?;
+                    }
+                }
+                rope_heads(ctx, &mut enc, q, &pos_t, h, d, cfg.rope_theta, cfg.rope_style)?;
+                rope_heads(ctx, &mut enc, k, &pos_t, hkv, d, cfg.rope_theta, cfg.rope_style)?;
+                let (kc, vc) = &kv.layers[l];
+                kv_append(ctx, &mut enc, k, &sc.v, &dest_t, kc, vc)?;
+                attention(ctx, &mut enc, &shape, q, kc, vc, &tok_t, &pages_t, &sc.att)?;
+                layer.o_proj.forward(ctx, &mut enc, &sc.att, &sc.o)?;
+                add(ctx, &mut enc, x, &sc.o)?;
+
+                rms_norm_rows(
+                    ctx,
+                    &mut enc,
+                    x,
+                    &layer.post_attention_layernorm,
+                    &sc.h,
+                    c,
+                    cfg.rms_norm_eps,
+                )?;
+                match &layer.ffn {
+                    GpuFfn::Dense(mlp) => {
+                        let bufs = sc.mlp_for(mlp)?;
+                        mlp.forward(ctx, &mut enc, &sc.h, bufs)?;
+                        add(ctx, &mut enc, x, &bufs[3])?;
+                    }
+                    GpuFfn::Moe(moe) => self.moe(ctx, &mut enc, moe, sc, t, l, resolved)?,
+                }
             }
-            _ => None,
+
+            // Final norm and head, only on the wanted rows.
+            let r = want.len();
+            let dispatches = enc.dispatches as u64;
+            let logits_read = if r == 0 {
+                ctx.submit(enc)?;
+                self.sample_memory();
+                None
+            } else {
+                let idx = ctx.upload_u32(
+                    "logit rows",
+                    &want.iter().map(|(i, _)| *i as u32).collect::<Vec<_>>(),
+                    &[r],
+                )?;
+                let picked = ctx.zeros_f32("logit rows of x", &[r, c])?;
+                gather_rows(ctx, &mut enc, x, &idx, &picked)?;
+                let normed = ctx.zeros_f32("final norm", &[r, c])?;
+                rms_norm_rows(ctx, &mut enc, &picked, &self.norm, &normed, c, cfg.rms_norm_eps)?;
+                let logits = ctx.zeros_f32("logits", &[r, cfg.vocab_size])?;
+                matmul_nt(
+                    ctx,
+                    &mut enc,
+                    &normed,
+                    self.lm_head.as_ref().unwrap_or(&self.embed),
+                    None,
+                    &logits,
+                )?;
+                ctx.submit(enc)?;
+                self.sample_memory();
+                Some(ctx.start_read(logits.buffer(), logits.data_bytes(), "reading the logits back")?)
+            };
+            // The metric read-backs are started too before anything is
+            // awaited, so one wait serves all of them; nothing is held while
+            // the GPU (or, in the browser, the event loop) runs.
+            let metric_reads = match (&sc.expert_offsets, self.metrics_wanted()) {
+                (Some(log), true) => {
+                    let offsets = ctx.start_read(log.buffer(), log.data_bytes(), "reading the expert offsets back")?;
+                    let plog = match &sc.policy_log {
+                        Some(l) => Some(ctx.start_read(l.buffer(), l.data_bytes(), "reading the policy log back")?),
+                        None => None,
+                    };
+                    Some((offsets, plog, log.shape[1]))
+                }
+                _ => None,
+            };
+            (logits_read, metric_reads, dispatches)
         };
-        drop(scratch_slot);
-        drop(kv);
         let result = match logits_read {
             Some(read) => bytemuck::pod_collect_to_vec(&ctx.finish_read(read).await?),
             None => Vec::new(),

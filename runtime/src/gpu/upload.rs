@@ -412,6 +412,8 @@ pub struct GgufStreamLoad {
     state: LoadState,
 }
 
+// One per load, so the size difference between the states costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum LoadState {
     /// Collecting the header; the next parse attempt waits for `try_at` bytes.
     Header { bytes: Vec<u8>, try_at: usize },
