@@ -5,8 +5,11 @@
 //! CPU fallback), runs a batched greedy generation there, and checks the
 //! replies against the native runtime's for the same prompts: the GPU engine
 //! (lavapipe) when the page ran on WebGPU, the CPU reference when it ran on
-//! the CPU. The page's screenshot is saved as `target/web-e2e.png`, and the
-//! adapter and decode speed are printed (run with `--nocapture`).
+//! the CPU. A second page, with `navigator.gpu` removed and the model given
+//! through the file picker, must fall back to the CPU by itself, say why,
+//! and match the CPU reference. Screenshots: `target/web-e2e.png` and
+//! `target/web-e2e-cpu.png`; the adapter and decode speeds are printed (run
+//! with `--nocapture`).
 //!
 //! Needs `chromium` (`apt-get install -y chromium`), node with
 //! `playwright-core` (`npm ci --prefix web`), the wasm32 target and
@@ -129,7 +132,15 @@ fn replies(report: &Value) -> Vec<(String, Vec<u32>)> {
 /// Loads the page at `query` in Chromium (and the model through its file
 /// picker when `pick` is given), runs the prompts `runs` times and returns
 /// the driver's JSON.
-fn browse(root: &Path, base: &str, query: &str, runs: usize, shot: &Path, pick: Option<&Path>) -> Value {
+fn browse(
+    root: &Path,
+    base: &str,
+    query: &str,
+    runs: usize,
+    shot: &Path,
+    pick: Option<&Path>,
+    hide_webgpu: bool,
+) -> Value {
     let web = root.join("web");
     let _ = std::fs::remove_file(shot);
     let request = serde_json::json!({ "prompts": PROMPTS, "max_new_tokens": MAX_NEW_TOKENS });
@@ -139,6 +150,7 @@ fn browse(root: &Path, base: &str, query: &str, runs: usize, shot: &Path, pick: 
         .arg(request.to_string())
         .arg(shot)
         .arg(runs.to_string())
+        .env("LYNX_E2E_HIDE_WEBGPU", if hide_webgpu { "1" } else { "0" })
         .current_dir(&web);
     if let Some(file) = pick {
         cmd.arg(file);
@@ -249,7 +261,7 @@ fn browser_demo_generates_what_the_native_runtime_does() {
     // The page as a visitor gets it: WebGPU when the browser offers it.
     // Two runs: the first compiles the pipelines, the second is warm.
     let shot = root.join("target/web-e2e.png");
-    let result = browse(&root, &base, "autoload", 2, &shot, None);
+    let result = browse(&root, &base, "autoload", 2, &shot, None, false);
     let backend = &result["backend"];
     eprintln!("browser backend: {backend}");
     eprintln!("browser's own adapter view: {}", result["gpu"]);
@@ -273,12 +285,16 @@ fn browser_demo_generates_what_the_native_runtime_does() {
     }
     eprintln!("screenshot: {}", shot.display());
 
-    // The CPU fallback, asked for explicitly, against the CPU reference;
-    // the model comes through the page's file picker this time.
+    // A browser without WebGPU (navigator.gpu removed before the page runs):
+    // the page must say so and fall back to the CPU on its own; checked
+    // against the CPU reference. The model comes through the page's file
+    // picker this time.
     let shot = root.join("target/web-e2e-cpu.png");
     let model_file = lynx::loader::demo_moe_gguf_path();
-    let result = browse(&root, &base, "cpu", 1, &shot, Some(&model_file));
+    let result = browse(&root, &base, "", 1, &shot, Some(&model_file), true);
     assert_eq!(result["backend"]["kind"], "cpu");
+    let why = result["backend"]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("WebGPU is not available in this browser"), "{why}");
     assert_eq!(result["model"]["engine"], "cpu");
     let name = result["modelName"].as_str().unwrap_or_default();
     assert!(name.starts_with("lynx-moe-135m.Q4_0.gguf:"), "the picked file: {name}");

@@ -6,6 +6,8 @@
 //
 // With a model file, the page loads it through its file picker (the
 // `File.stream()` path) instead of fetching it (`?autoload` in the url).
+// LYNX_E2E_HIDE_WEBGPU=1 removes `navigator.gpu` before the page runs, as
+// in a browser without WebGPU.
 // Runs the request `runs` times (default 1) in the same page: the first run
 // compiles the GPU pipelines, later ones show the warm speed. Prints one
 // JSON object on stdout: the backend and model the page reports, the
@@ -46,6 +48,11 @@ let exit = 0;
 try {
   const page = browser.pages()[0] || (await browser.newPage());
   await page.setViewportSize({ width: 1200, height: 1000 });
+  if (process.env.LYNX_E2E_HIDE_WEBGPU === "1") {
+    await page.addInitScript(() => {
+      delete Navigator.prototype.gpu;
+    });
+  }
   page.on("console", (m) => console.error(`[page ${m.type()}] ${m.text()}`));
   page.on("pageerror", (e) => console.error(`[page error] ${e.message}`));
   await page.goto(url, { waitUntil: "load" });
