@@ -34,6 +34,9 @@ impl Engine for Model {
     }
 }
 
+// Natively the GPU engine's forward pass blocks on its read-back; in the
+// browser only its async form exists (see `AsyncEngine`).
+#[cfg(not(target_arch = "wasm32"))]
 impl Engine for crate::gpu::GpuModel {
     type Seq = crate::gpu::GpuSequence;
     fn config(&self) -> &ModelConfig {
@@ -152,80 +155,215 @@ pub fn generate_batch<E: Engine>(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Generation>> {
-    opts.sampling.validate()?;
-    if let Some(i) = opts.stop.iter().position(|s| s.is_empty()) {
-        // An empty stop string would match before the first token.
-        return Err(Error::InvalidArgument(format!("stop string {i} is empty")));
+    let mut g = BatchGeneration::new(model.config(), tok, prompts, opts, || model.new_sequence())?;
+    while let Some(mut batch) = g.next_batch() {
+        let logits = model.forward(&mut batch, Logits::Last)?;
+        g.accept(logits, &mut on_text)?;
     }
-    let limit = model.config().max_position_embeddings;
-    let vocab = model.config().vocab_size;
-    for (i, prompt) in prompts.iter().enumerate() {
-        if prompt.is_empty() {
-            return Err(Error::InvalidArgument(format!("prompt {i} is empty")));
+    Ok(g.finish())
+}
+
+/// A forward pass that can wait without blocking: the GPU engine in the
+/// browser, where read-backs complete on the JS event loop. The CPU
+/// reference implements it too (it never waits), so a page runs either
+/// engine through the same generation code.
+// The futures are awaited where they are made (a page, or `block_on`), so
+// they need no `Send` bound.
+#[allow(async_fn_in_trait)]
+pub trait AsyncEngine {
+    type Seq;
+    fn config(&self) -> &ModelConfig;
+    fn new_sequence(&self) -> Self::Seq;
+    async fn forward_async(&self, batch: &mut [(&mut Self::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>>;
+}
+
+impl AsyncEngine for Model {
+    type Seq = Sequence;
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn new_sequence(&self) -> Sequence {
+        Model::new_sequence(self)
+    }
+    async fn forward_async(&self, batch: &mut [(&mut Sequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
+        Model::forward(self, batch, logits)
+    }
+}
+
+impl AsyncEngine for crate::gpu::GpuModel {
+    type Seq = crate::gpu::GpuSequence;
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn new_sequence(&self) -> Self::Seq {
+        crate::gpu::GpuModel::new_sequence(self)
+    }
+    async fn forward_async(&self, batch: &mut [(&mut Self::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
+        crate::gpu::GpuModel::forward_async(self, batch, logits).await
+    }
+}
+
+/// [`generate_batch`] over an [`AsyncEngine`]: the same steps, sampling,
+/// stop strings and streaming ([`BatchGeneration`]), awaiting each forward
+/// pass instead of blocking on it.
+pub async fn generate_batch_async<E: AsyncEngine>(
+    model: &E,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(usize, &str),
+) -> Result<Vec<Generation>> {
+    let mut g = BatchGeneration::new(model.config(), tok, prompts, opts, || model.new_sequence())?;
+    while let Some(mut batch) = g.next_batch() {
+        let logits = model.forward_async(&mut batch, Logits::Last).await?;
+        g.accept(logits, &mut on_text)?;
+    }
+    Ok(g.finish())
+}
+
+/// A batched generation driven one forward pass at a time, by whoever runs
+/// the engine: [`generate_batch`] blocks on each pass, [`generate_batch_async`]
+/// awaits it, and a page can await it and repaint between steps. All the
+/// sampling, EOS, stop-string, context-limit and streaming logic lives here,
+/// once.
+///
+/// ```text
+/// let mut g = BatchGeneration::new(config, tok, prompts, opts, || engine.new_sequence())?;
+/// while let Some(mut batch) = g.next_batch() {
+///     let logits = engine.forward(&mut batch, Logits::Last)?;   // or .await
+///     g.accept(logits, |seq, text| ...)?;
+/// }
+/// let generations = g.finish();
+/// ```
+pub struct BatchGeneration<'t, S> {
+    tok: &'t Tokenizer,
+    prompts: Vec<Vec<u32>>,
+    states: Vec<SeqState<S>>,
+    /// `active[j]` is the index of the sequence whose logits are row `j` of
+    /// the next [`BatchGeneration::accept`].
+    active: Vec<usize>,
+    prefilled: bool,
+    max_new_tokens: usize,
+    stop_on_eos: bool,
+    limit: usize,
+}
+
+impl<'t, S> BatchGeneration<'t, S> {
+    /// Validates the prompts and options (see [`generate_batch`] for the
+    /// errors) and makes one sequence per prompt with `new_sequence`.
+    pub fn new(
+        config: &ModelConfig,
+        tok: &'t Tokenizer,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        mut new_sequence: impl FnMut() -> S,
+    ) -> Result<Self> {
+        opts.sampling.validate()?;
+        if let Some(i) = opts.stop.iter().position(|s| s.is_empty()) {
+            // An empty stop string would match before the first token.
+            return Err(Error::InvalidArgument(format!("stop string {i} is empty")));
         }
-        if prompt.len() >= limit {
-            // At least one generated token must fit after the prompt.
-            return Err(Error::ContextOverflow {
-                requested: prompt.len() + 1,
-                limit,
+        let limit = config.max_position_embeddings;
+        let vocab = config.vocab_size;
+        for (i, prompt) in prompts.iter().enumerate() {
+            if prompt.is_empty() {
+                return Err(Error::InvalidArgument(format!("prompt {i} is empty")));
+            }
+            if prompt.len() >= limit {
+                // At least one generated token must fit after the prompt.
+                return Err(Error::ContextOverflow {
+                    requested: prompt.len() + 1,
+                    limit,
+                });
+            }
+            if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+                return Err(Error::TokenOutOfRange { id, vocab });
+            }
+        }
+
+        let mut states: Vec<SeqState<S>> = Vec::with_capacity(prompts.len());
+        for (i, prompt) in prompts.iter().enumerate() {
+            let sampling = SamplingParams {
+                seed: opts.sampling.seed.wrapping_add(i as u64),
+                ..opts.sampling
+            };
+            states.push(SeqState {
+                seq: new_sequence(),
+                sampler: Sampler::new(sampling)?,
+                prompt_tokens: prompt.len(),
+                tokens: Vec::new(),
+                last: [0],
+                stream: TextStream::new(&opts.stop),
+                text: String::new(),
+                finish: None,
             });
         }
-        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::TokenOutOfRange { id, vocab });
-        }
-    }
-
-    let mut states: Vec<SeqState<E::Seq>> = Vec::with_capacity(prompts.len());
-    for (i, prompt) in prompts.iter().enumerate() {
-        let sampling = SamplingParams {
-            seed: opts.sampling.seed.wrapping_add(i as u64),
-            ..opts.sampling
+        // With nothing to generate there is no reason to run the prompts.
+        let active = if opts.max_new_tokens == 0 {
+            states.iter_mut().for_each(|s| s.finish = Some(FinishReason::Length));
+            Vec::new()
+        } else {
+            (0..states.len()).collect()
         };
-        states.push(SeqState {
-            seq: model.new_sequence(),
-            sampler: Sampler::new(sampling)?,
-            prompt_tokens: prompt.len(),
-            tokens: Vec::new(),
-            last: [0],
-            stream: TextStream::new(&opts.stop),
-            text: String::new(),
-            finish: None,
-        });
-    }
-    if opts.max_new_tokens == 0 {
-        // Nothing to generate, so no reason to run the prompt either.
-        return Ok(states.into_iter().map(|s| s.finish(FinishReason::Length)).collect());
+        Ok(BatchGeneration {
+            tok,
+            prompts: prompts.to_vec(),
+            states,
+            active,
+            prefilled: false,
+            max_new_tokens: opts.max_new_tokens,
+            stop_on_eos: opts.stop_on_eos,
+            limit,
+        })
     }
 
-    // Prefill every prompt in one batched forward call; only the logits of
-    // each prompt's last position are needed to sample its first token.
-    let mut logits = {
-        let mut batch: Vec<(&mut E::Seq, &[u32])> = states
-            .iter_mut()
-            .zip(prompts)
-            .map(|(s, p)| (&mut s.seq, p.as_slice()))
-            .collect();
-        model.forward(&mut batch, Logits::Last)?
-    };
-    // `active[j]` is the index of the sequence whose logits are `logits[j]`.
-    let mut active: Vec<usize> = (0..states.len()).collect();
-    check_logits(&logits, active.len())?;
+    /// The next forward pass to run, or `None` when every sequence has
+    /// finished: first every prompt in one batched prefill (only each
+    /// prompt's last logits are needed), then one decode step for every
+    /// unfinished sequence. Run it with `Logits::Last` and hand the logits
+    /// to [`BatchGeneration::accept`].
+    pub fn next_batch(&mut self) -> Option<Vec<(&mut S, &[u32])>> {
+        if self.active.is_empty() {
+            return None;
+        }
+        if !self.prefilled {
+            return Some(
+                self.states
+                    .iter_mut()
+                    .zip(&self.prompts)
+                    .map(|(s, p)| (&mut s.seq, p.as_slice()))
+                    .collect(),
+            );
+        }
+        Some(
+            self.states
+                .iter_mut()
+                .filter(|s| s.finish.is_none())
+                .map(|s| (&mut s.seq, s.last.as_slice()))
+                .collect(),
+        )
+    }
 
-    let eos = tok.eos_token_ids();
-    loop {
-        for (&i, row) in active.iter().zip(&logits) {
-            let st = &mut states[i];
+    /// Samples one token per sequence of the last batch from its logits and
+    /// streams each sequence's newly final text through `on_text(seq, text)`
+    /// (never an empty string); sequences that finish leave the batch.
+    pub fn accept(&mut self, logits: Vec<Vec<f32>>, mut on_text: impl FnMut(usize, &str)) -> Result<()> {
+        check_logits(&logits, self.active.len())?;
+        self.prefilled = true;
+        let eos = self.tok.eos_token_ids();
+        for (&i, row) in self.active.iter().zip(&logits) {
+            let st = &mut self.states[i];
             let id = st.sampler.sample(row)?;
             st.tokens.push(id);
             st.last = [id];
-            if opts.stop_on_eos && eos.contains(&id) {
+            if self.stop_on_eos && eos.contains(&id) {
                 // EOS adds no text, so the text decoded at the previous step
                 // is the final text and everything held back is released.
                 emit(&mut on_text, i, st.stream.finish(&st.text));
                 st.finish = Some(FinishReason::Eos);
                 continue;
             }
-            st.text = tok.decode(&st.tokens, true)?;
+            st.text = self.tok.decode(&st.tokens, true)?;
             let step = st.stream.update(&st.text);
             emit(&mut on_text, i, step.emit);
             if let Some(end) = step.stop_at {
@@ -235,34 +373,42 @@ pub fn generate_batch<E: Engine>(
             }
             // The prompt and every generated token must fit in the context,
             // so the next token can only be sampled if this one can be fed.
-            let full = st.prompt_tokens + st.tokens.len() >= limit;
-            if st.tokens.len() >= opts.max_new_tokens || full {
+            let full = st.prompt_tokens + st.tokens.len() >= self.limit;
+            if st.tokens.len() >= self.max_new_tokens || full {
                 emit(&mut on_text, i, st.stream.finish(&st.text));
                 st.finish = Some(FinishReason::Length);
             }
         }
-        active.retain(|&i| states[i].finish.is_none());
-        if active.is_empty() {
-            break;
-        }
-
-        // One decode step for every unfinished sequence, as one batch.
-        let mut batch: Vec<(&mut E::Seq, &[u32])> = states
-            .iter_mut()
-            .filter(|s| s.finish.is_none())
-            .map(|s| (&mut s.seq, s.last.as_slice()))
-            .collect();
-        logits = model.forward(&mut batch, Logits::Last)?;
-        check_logits(&logits, active.len())?;
+        let states = &self.states;
+        self.active.retain(|&i| states[i].finish.is_none());
+        Ok(())
     }
 
-    Ok(states
-        .into_iter()
-        .map(|s| {
-            let finish = s.finish.unwrap_or(FinishReason::Length);
-            s.finish(finish)
-        })
-        .collect())
+    /// Sequences still generating.
+    pub fn active(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Tokens generated so far, over all sequences.
+    pub fn generated_tokens(&self) -> usize {
+        self.states.iter().map(|s| s.tokens.len()).sum()
+    }
+
+    /// The text generated so far by sequence `i` (final once it finished).
+    pub fn text(&self, i: usize) -> Option<&str> {
+        self.states.get(i).map(|s| s.text.as_str())
+    }
+
+    /// One [`Generation`] per prompt, in prompt order.
+    pub fn finish(self) -> Vec<Generation> {
+        self.states
+            .into_iter()
+            .map(|s| {
+                let finish = s.finish.unwrap_or(FinishReason::Length);
+                s.finish(finish)
+            })
+            .collect()
+    }
 }
 
 /// Per-sequence generation state.

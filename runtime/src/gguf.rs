@@ -583,11 +583,7 @@ impl GgufFile {
         let buf = if len == 0 {
             Buffer::Owned(Vec::new())
         } else {
-            // SAFETY: the map is read-only. As with every memory-mapped model
-            // loader, the file must not be truncated or rewritten while it is
-            // mapped; that is a documented precondition of loading a model.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            Buffer::Mmap(map)
+            Buffer::map_file(&file, path)?
         };
         Self::from_buffer(path.to_path_buf(), Arc::new(buf))
     }
@@ -606,6 +602,33 @@ impl GgufFile {
                 data_start: p.data_start,
                 buf,
             }),
+            Err(reason) => Err(Error::Format {
+                path,
+                format: FORMAT,
+                reason,
+            }),
+        }
+    }
+
+    /// Parses the header of a `file_len`-byte GGUF file from its first
+    /// bytes `prefix`, while the rest is still on its way (the browser
+    /// streams the file). `Ok(None)` means the header continues past
+    /// `prefix`: call again with more bytes. The tensors of the result are
+    /// deferred (see [`Buffer::Deferred`]): they describe the weights, and
+    /// the GPU upload writes their bytes as the stream delivers them.
+    pub fn from_header(path: PathBuf, prefix: &[u8], file_len: usize) -> Result<Option<GgufFile>> {
+        match parse_prefix(prefix, file_len) {
+            Ok(None) => Ok(None),
+            Ok(Some(p)) => Ok(Some(GgufFile {
+                index: p.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect(),
+                path,
+                version: p.version,
+                metadata: p.metadata,
+                tensors: p.tensors,
+                alignment: p.alignment,
+                data_start: p.data_start,
+                buf: Arc::new(Buffer::Deferred { len: file_len }),
+            })),
             Err(reason) => Err(Error::Format {
                 path,
                 format: FORMAT,
@@ -842,19 +865,35 @@ struct Parsed {
     data_start: usize,
 }
 
-/// A bounds-checked little-endian cursor.
+/// A bounds-checked little-endian cursor over the start of a file: all of
+/// it, or (while a file streams in) the first bytes received.
 struct Reader<'a> {
     b: &'a [u8],
     pos: usize,
+    /// Length of the whole file; `b` may be shorter.
+    file_len: usize,
+    /// Set when a read ran past `b` but not past the file: the header
+    /// continues in bytes not received yet.
+    short: bool,
 }
 
 impl<'a> Reader<'a> {
+    /// Bytes left in the file (not only in `b`): the bound for the sanity
+    /// checks on counts and lengths.
     fn remaining(&self) -> usize {
-        self.b.len() - self.pos
+        self.file_len.saturating_sub(self.pos)
     }
 
     fn take(&mut self, n: usize) -> PResult<&'a [u8]> {
-        if n > self.remaining() {
+        if n > self.b.len() - self.pos {
+            if self.b.len() < self.file_len {
+                self.short = true;
+                return Err(format!(
+                    "needs {n} bytes at offset {}, beyond the {} bytes received",
+                    self.pos,
+                    self.b.len()
+                ));
+            }
             return Err(format!(
                 "needs {n} bytes at offset {}, but the file ends at {} (truncated?)",
                 self.pos,
@@ -1004,11 +1043,32 @@ const MIN_KV_SIZE: u64 = 13;
 /// The smallest possible tensor info: empty name (8), n_dims (4), type (4), offset (8).
 const MIN_TENSOR_INFO_SIZE: u64 = 24;
 
+/// Parses a whole file held in memory.
 fn parse(b: &[u8]) -> PResult<Parsed> {
-    let mut r = Reader { b, pos: 0 };
+    parse_prefix(b, b.len())?.ok_or_else(|| "the header runs past the end of the file".to_string())
+}
+
+/// Parses the header from the first bytes `b` of a `file_len`-byte file:
+/// `Ok(None)` when the header continues past `b`.
+fn parse_prefix(b: &[u8], file_len: usize) -> PResult<Option<Parsed>> {
+    let mut r = Reader {
+        b,
+        pos: 0,
+        file_len,
+        short: false,
+    };
+    match parse_header(&mut r) {
+        Ok(p) => Ok(Some(p)),
+        Err(_) if r.short => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn parse_header(r: &mut Reader<'_>) -> PResult<Parsed> {
+    let file_len = r.file_len;
     let magic = r
         .take(4)
-        .map_err(|_| format!("file is {} bytes, too short for a GGUF header", b.len()))?;
+        .map_err(|_| format!("file is {file_len} bytes, too short for a GGUF header"))?;
     if magic != GGUF_MAGIC {
         return Err(format!("bad magic {magic:02x?} (expected \"GGUF\")"));
     }
@@ -1062,7 +1122,7 @@ fn parse(b: &[u8]) -> PResult<Parsed> {
     };
 
     r.check_fits(n_tensors, MIN_TENSOR_INFO_SIZE, "header: tensor count")?;
-    let file_len = b.len() as u64;
+    let file_len = file_len as u64;
     let mut tensors = Vec::with_capacity(n_tensors as usize);
     let mut rel_offsets = Vec::with_capacity(n_tensors as usize);
     let mut names = HashSet::new();
@@ -1540,6 +1600,41 @@ pub(crate) mod tests {
             format_reason(GgufFile::open(&path));
         }
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn header_parses_from_a_prefix_with_deferred_tensors() {
+        let bytes = small_file_bytes();
+        let whole = parse_bytes(bytes.clone()).unwrap();
+        let path = PathBuf::from("stream.gguf");
+        let mut first = None;
+        for cut in 0..=bytes.len() {
+            match GgufFile::from_header(path.clone(), &bytes[..cut], bytes.len()).unwrap() {
+                None => assert!(first.is_none(), "cut {cut}: a longer prefix must not need more"),
+                Some(g) => {
+                    first.get_or_insert(cut);
+                    assert_eq!(g.tensors, whole.tensors, "cut {cut}");
+                    assert_eq!(g.metadata, whole.metadata, "cut {cut}");
+                    let t = g.tensor("b").unwrap();
+                    assert!(!t.is_resident() && t.bytes().is_empty());
+                    assert_eq!(t.byte_range(), whole.tensor("b").unwrap().byte_range());
+                }
+            }
+        }
+        // The header ends before the data section, which starts aligned.
+        let first = first.unwrap();
+        assert!(
+            first <= whole.data_start,
+            "needed {first} bytes, data at {}",
+            whole.data_start
+        );
+        // A corrupt header is an error as soon as the bad bytes are in,
+        // not a request for more.
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert!(GgufFile::from_header(path.clone(), &bad[..8], bad.len()).is_err());
+        // Tensor ranges are checked against the announced length.
+        assert!(GgufFile::from_header(path, &bytes, whole.data_start + 1).is_err());
     }
 
     #[test]

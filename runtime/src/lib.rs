@@ -7,9 +7,13 @@
 //! E experts, K experts per token (top-k), I expert intermediate size.
 
 pub mod arch;
+// `lynx bench` and `lynx eval` block on the GPU between steps, which a
+// browser page cannot do; they are native tools.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod config;
 pub mod error;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod eval;
 pub mod export;
 pub mod generate;
@@ -23,6 +27,9 @@ pub mod safetensors_dir;
 pub mod sampling;
 pub mod selection;
 pub mod serving;
+/// The demo's static file server (`lynx web`): sockets and threads, native only.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod static_site;
 pub mod tensor;
 pub mod tokenizer;
 
@@ -30,5 +37,5 @@ pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
 pub use loader::{LoadedModel, load};
 pub use model::{Logits, Model, Sequence};
-pub use tensor::{DType, QTensor};
+pub use tensor::{DType, QTensor, WeightVec};
 pub use tokenizer::{ChatMessage, Tokenizer};

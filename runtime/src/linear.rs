@@ -4,17 +4,24 @@
 
 use rayon::prelude::*;
 
-use crate::tensor::QTensor;
+use crate::tensor::{QTensor, WeightVec};
 
 #[derive(Clone, Debug)]
 pub struct QLinear {
     /// `[out_features, in_features]`, PyTorch order.
     pub weight: QTensor,
-    pub bias: Option<Vec<f32>>,
+    pub bias: Option<WeightVec>,
 }
 
 impl QLinear {
+    /// A layer from a weight and bias values (tests and converters).
     pub fn new(weight: QTensor, bias: Option<Vec<f32>>) -> Self {
+        let bias = bias.map(|b| WeightVec::from_values(format!("{}.bias", weight.name), b));
+        QLinear { weight, bias }
+    }
+
+    /// A layer whose bias is a stored tensor (the model builder).
+    pub fn with_bias(weight: QTensor, bias: Option<WeightVec>) -> Self {
         QLinear { weight, bias }
     }
 

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use crate::config::{ModelConfig, RopeStyle, Routing};
 use crate::error::{Error, Result};
 use crate::linear::{QLinear, dot};
-use crate::tensor::{DType, QTensor, quantize};
+use crate::tensor::{DType, QTensor, WeightVec, quantize};
 
 /// SwiGLU MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
 #[derive(Debug)]
@@ -56,15 +56,15 @@ pub struct Attention {
     pub k_proj: QLinear,
     pub v_proj: QLinear,
     pub o_proj: QLinear,
-    pub q_norm: Option<Vec<f32>>,
-    pub k_norm: Option<Vec<f32>>,
+    pub q_norm: Option<WeightVec>,
+    pub k_norm: Option<WeightVec>,
 }
 
 #[derive(Debug)]
 pub struct Layer {
-    pub input_layernorm: Vec<f32>,
+    pub input_layernorm: WeightVec,
     pub self_attn: Attention,
-    pub post_attention_layernorm: Vec<f32>,
+    pub post_attention_layernorm: WeightVec,
     pub ffn: Ffn,
 }
 
@@ -73,7 +73,7 @@ pub struct Model {
     /// (V, C).
     pub embed_tokens: QTensor,
     pub layers: Vec<Layer>,
-    pub norm: Vec<f32>,
+    pub norm: WeightVec,
     /// (V, C); the embedding matrix itself when embeddings are tied.
     pub lm_head: QLinear,
 }
@@ -107,6 +107,14 @@ pub enum Logits {
 }
 
 impl Model {
+    /// Whether the weights are in memory. A model built over a streamed
+    /// GGUF (see `gpu::GgufStreamLoad`) is only a description of its tensors
+    /// for the GPU upload; its weights all come from one stream, so the
+    /// embedding speaks for every tensor.
+    pub fn is_resident(&self) -> bool {
+        self.embed_tokens.is_resident()
+    }
+
     /// A fresh sequence with an empty KV cache.
     pub fn new_sequence(&self) -> Sequence {
         Sequence {
@@ -122,6 +130,13 @@ impl Model {
     /// leaves every sequence as it was.
     pub fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
+        if !self.is_resident() {
+            return Err(Error::InvalidArgument(
+                "forward: this model's weights were streamed to the GPU and are not in memory; \
+                 the CPU forward pass needs a model loaded into memory"
+                    .into(),
+            ));
+        }
         for (seq, tokens) in batch.iter() {
             if tokens.is_empty() {
                 return Err(Error::InvalidArgument("forward: a sequence has no new tokens".into()));
@@ -350,7 +365,7 @@ impl Model {
                 conv(&mut l.weight);
             }
         };
-        let tied = std::ptr::eq(self.lm_head.weight.bytes().as_ptr(), self.embed_tokens.bytes().as_ptr());
+        let tied = self.lm_head.weight.same_storage(&self.embed_tokens);
         conv(&mut self.embed_tokens);
         if tied {
             self.lm_head.weight = self.embed_tokens.clone();

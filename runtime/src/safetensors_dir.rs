@@ -110,10 +110,7 @@ impl SafetensorsDir {
 
 fn map_file(path: &Path) -> Result<Arc<Buffer>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the map is read-only; like every mmap-based loader we rely on
-    // the checkpoint not being truncated by another process while it is used.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    Ok(Arc::new(Buffer::Mmap(map)))
+    Ok(Arc::new(Buffer::map_file(&file, path)?))
 }
 
 /// Parses one safetensors header and checks every tensor's byte range.

@@ -67,18 +67,69 @@ impl std::fmt::Display for DType {
     }
 }
 
-/// Backing bytes: a memory-mapped file or an owned buffer.
+/// Backing bytes: a memory-mapped file, an owned buffer, or a file whose
+/// bytes are not in memory at all (see [`Buffer::Deferred`]).
 pub enum Buffer {
+    /// Memory maps exist only where the OS has them (not in wasm32).
+    #[cfg(not(target_arch = "wasm32"))]
     Mmap(memmap2::Mmap),
     Owned(Vec<u8>),
+    /// A file of `len` bytes that is being streamed elsewhere (the browser
+    /// demo streams a GGUF straight into GPU buffers). Tensors over it carry
+    /// their shape, dtype and byte range but no bytes: [`QTensor::bytes`]
+    /// is empty, and [`QTensor::is_resident`] is false. The GPU upload
+    /// turns such tensors into write destinations for the stream.
+    Deferred {
+        len: usize,
+    },
 }
 
 impl Buffer {
+    /// Maps `file` read-only, or reads it into memory where memory maps do
+    /// not exist (wasm32); `path` names it in errors.
+    pub fn map_file(file: &std::fs::File, path: &std::path::Path) -> crate::Result<Buffer> {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            // SAFETY: the map is read-only. As with every memory-mapped model
+            // loader, the file must not be truncated or rewritten while it is
+            // mapped; that is a documented precondition of loading a model.
+            let map = unsafe { memmap2::Mmap::map(file) }.map_err(|e| crate::Error::io(path, e))?;
+            Ok(Buffer::Mmap(map))
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            use std::io::Read;
+            let mut v = Vec::new();
+            let mut f = file;
+            f.read_to_end(&mut v).map_err(|e| crate::Error::io(path, e))?;
+            Ok(Buffer::Owned(v))
+        }
+    }
+
+    /// The bytes in memory: empty for a deferred buffer.
     pub fn bytes(&self) -> &[u8] {
         match self {
+            #[cfg(not(target_arch = "wasm32"))]
             Buffer::Mmap(m) => m,
             Buffer::Owned(v) => v,
+            Buffer::Deferred { .. } => &[],
         }
+    }
+
+    /// The length of the data, in memory or not.
+    pub fn len(&self) -> usize {
+        match self {
+            Buffer::Deferred { len } => *len,
+            b => b.bytes().len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn is_deferred(&self) -> bool {
+        matches!(self, Buffer::Deferred { .. })
     }
 }
 
@@ -136,8 +187,34 @@ impl QTensor {
         dtype.bytes_for(shape.iter().product())
     }
 
+    /// The stored bytes; empty when the tensor is not resident (its buffer
+    /// is [`Buffer::Deferred`]).
     pub fn bytes(&self) -> &[u8] {
-        &self.buf.bytes()[self.range.clone()]
+        self.buf.bytes().get(self.range.clone()).unwrap_or(&[])
+    }
+
+    /// Whether the bytes are in memory. Only the GPU upload accepts tensors
+    /// that are not: it writes them as they stream in.
+    pub fn is_resident(&self) -> bool {
+        !self.buf.is_deferred()
+    }
+
+    /// The byte range within the backing buffer (for a GGUF file: absolute
+    /// file offsets), which is where a stream delivers a deferred tensor.
+    pub fn byte_range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    /// True when both tensors view the same bytes of the same buffer, as a
+    /// head tied to the embedding does. Comparing pointers of `bytes()` would
+    /// not work for deferred tensors, whose byte slices are all empty.
+    pub fn same_storage(&self, other: &QTensor) -> bool {
+        Arc::ptr_eq(&self.buf, &other.buf) && self.range == other.range
+    }
+
+    /// The backing buffer, so that tensors from one stream can be recognised.
+    pub(crate) fn storage(&self) -> &Arc<Buffer> {
+        &self.buf
     }
 
     pub fn numel(&self) -> usize {
@@ -192,6 +269,41 @@ impl QTensor {
         let mut out = vec![0.0; self.numel()];
         dequantize(self.dtype, self.bytes(), &mut out);
         out
+    }
+}
+
+/// A weight vector (a norm's scale or a bias): its f32 values for the CPU,
+/// and the stored tensor they were read from, so that the GPU upload can
+/// write it like any other weight, also when the tensor is streamed and
+/// its values are not in memory (then `values` is empty).
+#[derive(Clone, Debug)]
+pub struct WeightVec {
+    pub values: Vec<f32>,
+    pub tensor: QTensor,
+}
+
+impl WeightVec {
+    /// The vector stored in `tensor` (1-D); decoded now when it is resident.
+    pub fn from_tensor(tensor: QTensor) -> WeightVec {
+        let values = if tensor.is_resident() {
+            tensor.to_f32()
+        } else {
+            Vec::new()
+        };
+        WeightVec { values, tensor }
+    }
+
+    /// A vector made from values (tests, converters), stored as F32.
+    pub fn from_values(name: impl Into<String>, values: Vec<f32>) -> WeightVec {
+        let tensor = QTensor::from_f32(name, vec![values.len()], &values);
+        WeightVec { values, tensor }
+    }
+}
+
+impl std::ops::Deref for WeightVec {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.values
     }
 }
 

@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::linear::QLinear;
 use crate::model::{Attention, Ffn, Layer, Mlp, Model, Moe};
 use crate::safetensors_dir::TensorSource;
+use crate::tensor::WeightVec;
 
 /// Typed access to a `config.json`, with errors that name the field.
 pub struct HfConfig<'a> {
@@ -203,7 +204,7 @@ pub fn build(cfg: ModelConfig, src: &dyn TensorSource) -> Result<Model> {
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
-        let bias = |name: &str, n: usize| -> Result<Option<Vec<f32>>> {
+        let bias = |name: &str, n: usize| -> Result<Option<WeightVec>> {
             if cfg.attention_bias {
                 w.vector(&format!("{p}.self_attn.{name}.bias"), n).map(Some)
             } else {
@@ -220,15 +221,15 @@ pub fn build(cfg: ModelConfig, src: &dyn TensorSource) -> Result<Model> {
                 .transpose()
         };
         let self_attn = Attention {
-            q_proj: QLinear::new(
+            q_proj: QLinear::with_bias(
                 w.tensor(&format!("{p}.self_attn.q_proj.weight"), &[qd, c])?,
                 bias("q_proj", qd)?,
             ),
-            k_proj: QLinear::new(
+            k_proj: QLinear::with_bias(
                 w.tensor(&format!("{p}.self_attn.k_proj.weight"), &[kvd, c])?,
                 bias("k_proj", kvd)?,
             ),
-            v_proj: QLinear::new(
+            v_proj: QLinear::with_bias(
                 w.tensor(&format!("{p}.self_attn.v_proj.weight"), &[kvd, c])?,
                 bias("v_proj", kvd)?,
             ),
@@ -301,8 +302,8 @@ impl Weights<'_> {
         Ok(t)
     }
 
-    fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
-        Ok(self.tensor(name, &[n])?.to_f32())
+    fn vector(&self, name: &str, n: usize) -> Result<WeightVec> {
+        Ok(WeightVec::from_tensor(self.tensor(name, &[n])?))
     }
 
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<QLinear> {

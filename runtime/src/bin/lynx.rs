@@ -13,6 +13,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[path = "lynx/eval_cmd.rs"]
 mod eval_cmd;
+#[path = "lynx/web_cmd.rs"]
+mod web_cmd;
 
 use lynx::config::ModelConfig;
 use lynx::generate::{GenerateOptions, Generation, generate};
@@ -51,6 +53,8 @@ enum Command {
     /// exact routing: held-out perplexity, top-1 agreement, KL, and
     /// question-answering exact match.
     Eval(eval_cmd::EvalArgs),
+    /// Serve the browser demo (built by `web/build.sh`) on 127.0.0.1.
+    Web(web_cmd::WebArgs),
     /// Write a model as a GGUF file with its matrices quantised, so the next
     /// load is fast and small (llama and mixtral models).
     Quantize {
@@ -319,6 +323,7 @@ fn main() -> anyhow::Result<()> {
         Command::Quantize { model, output, to } => quantize_cmd(&model, &output, to.into()),
         Command::Bench(args) => bench_cmd(&args),
         Command::Eval(args) => eval_cmd::eval_cmd(&args),
+        Command::Web(args) => web_cmd::web_cmd(&args),
     }
 }
 

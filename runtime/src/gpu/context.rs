@@ -113,6 +113,7 @@ impl GpuEncoder {
 
     /// An empty compute pass that writes a timestamp at its start or end; the
     /// benchmark brackets the kernels it times with two of these.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     pub(crate) fn timestamp(&mut self, query_set: &wgpu::QuerySet, index: u32) {
         let _pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("timestamp"),
@@ -153,6 +154,9 @@ impl std::fmt::Debug for GpuContext {
     }
 }
 
+/// The most storage buffers one kernel binds (split attention, grouped MoE).
+const MAX_STORAGE_BINDINGS: u32 = 7;
+
 /// Lower rank is preferred: real GPUs first, software rasterisers last.
 fn device_type_rank(t: wgpu::DeviceType) -> u8 {
     match t {
@@ -164,8 +168,12 @@ fn device_type_rank(t: wgpu::DeviceType) -> u8 {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 const NO_ADAPTER_FIX: &str = "install a Vulkan driver, e.g. `apt-get install mesa-vulkan-drivers` \
      for the software lavapipe driver (or set WGPU_BACKEND to a backend this machine has)";
+#[cfg(target_arch = "wasm32")]
+const NO_ADAPTER_FIX: &str = "the browser has WebGPU but handed out no adapter (it may be blocklisted here; \
+     Chromium offers a software one with --enable-unsafe-webgpu)";
 
 impl GpuContext {
     /// Creates the instance (honouring `WGPU_BACKEND` and the other wgpu
@@ -213,6 +221,15 @@ impl GpuContext {
             }
         }));
         let limits = device.limits();
+        // Every WebGPU adapter allows 8; a native one could allow fewer, and
+        // then kernels would fail to build with a much less direct message.
+        if limits.max_storage_buffers_per_shader_stage < MAX_STORAGE_BINDINGS {
+            return Err(Error::Gpu(format!(
+                "adapter `{}` allows {} storage buffers per shader stage; the attention and MoE kernels bind \
+                 {MAX_STORAGE_BINDINGS}",
+                info.name, limits.max_storage_buffers_per_shader_stage
+            )));
+        }
         let dummy = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("dummy (absent optional input)"),
             size: 4,
@@ -248,7 +265,7 @@ impl GpuContext {
             }
         }
         if adapters.is_empty() {
-            return Err(Error::Gpu(format!("no GPU/Vulkan adapter was found; {NO_ADAPTER_FIX}")));
+            return Err(Error::Gpu(format!("no GPU adapter was found; {NO_ADAPTER_FIX}")));
         }
         let all_names: Vec<String> = adapters
             .iter()
@@ -279,6 +296,20 @@ impl GpuContext {
     /// One line describing the chosen adapter, its driver and what we enabled.
     pub fn adapter_report(&self) -> String {
         let i = &self.info;
+        format!(
+            "adapter `{}` on {:?}, device type {:?}, driver `{}` ({}); {}",
+            i.name,
+            i.backend,
+            i.device_type,
+            i.driver,
+            i.driver_info,
+            self.capabilities()
+        )
+    }
+
+    /// The optional features that are on and the limits that size weight
+    /// chunks and tiles, in one line (part of [`GpuContext::adapter_report`]).
+    pub fn capabilities(&self) -> String {
         let f = self.features;
         let on: Vec<&str> = [
             ("shader-f16", f.shader_f16),
@@ -290,13 +321,7 @@ impl GpuContext {
         .map(|(n, _)| *n)
         .collect();
         format!(
-            "adapter `{}` on {:?}, device type {:?}, driver `{}` ({}); features: {}; max storage binding {} MiB, \
-             max buffer {} MiB, workgroup memory {} KiB",
-            i.name,
-            i.backend,
-            i.device_type,
-            i.driver,
-            i.driver_info,
+            "features: {}; max storage binding {} MiB, max buffer {} MiB, workgroup memory {} KiB",
             if on.is_empty() {
                 "none".to_string()
             } else {
@@ -338,19 +363,34 @@ impl GpuContext {
     }
 
     /// Runs `f` inside validation and out-of-memory error scopes and turns
-    /// anything they catch into `Error::Gpu` naming `what`.
+    /// anything they catch into `Error::Gpu` naming `what`. Natively the
+    /// scopes' results are ready at once, so this waits for them.
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scopes = ErrorScopes::push(&self.device);
         let out = f();
-        // Scopes pop in reverse order of their pushes.
-        let v = pollster::block_on(validation.pop());
-        let o = pollster::block_on(oom.pop());
-        match (v, o) {
-            (None, None) => Ok(out),
-            (Some(e), _) => Err(Error::Gpu(format!("{what}: validation error: {e}"))),
-            (None, Some(e)) => Err(Error::Gpu(format!("{what}: out of GPU memory: {e}"))),
-        }
+        pollster::block_on(scopes.pop(what.to_string())).map(|()| out)
+    }
+
+    /// In the browser a scope's result arrives on the JS event loop, and
+    /// blocking for it would hang the page. The scopes are popped at once
+    /// (so later work is outside them) and their results are awaited on the
+    /// event loop; an error is recorded, naming `what`, and reported by the
+    /// next submit or read-back, like an uncaptured error.
+    #[cfg(target_arch = "wasm32")]
+    pub(crate) fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let scopes = ErrorScopes::push(&self.device);
+        let out = f();
+        let caught = scopes.pop(what.to_string());
+        let sink = self.uncaptured.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            if let Err(e) = caught.await
+                && let Ok(mut list) = sink.lock()
+            {
+                list.push(e.to_string());
+            }
+        });
+        Ok(out)
     }
 
     /// Like [`GpuContext::scoped`] when `check_errors` is on; otherwise just runs `f`.
@@ -448,6 +488,12 @@ impl GpuContext {
         })
     }
 
+    /// An empty weight buffer of `bytes` (rounded up to whole vec4s) that
+    /// `gpu::upload` fills with `write_buffer`; `uniform` as for activations.
+    pub(crate) fn weight_buffer(&self, label: &str, bytes: u64, uniform: bool) -> Result<wgpu::Buffer> {
+        self.create_storage(label, bytes, None, uniform)
+    }
+
     /// A storage buffer holding `bytes` (padded with zeros to whole vec4s).
     pub(crate) fn upload_bytes(&self, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
         self.create_storage(label, bytes.len() as u64, Some(bytes), false)
@@ -533,9 +579,11 @@ impl GpuContext {
         Ok(())
     }
 
-    /// Copies `bytes` bytes from the start of `src` back to the host. Submits
-    /// all pending work and blocks until it is done.
-    pub(crate) fn read_bytes(&self, src: &wgpu::Buffer, bytes: u64, what: &str) -> Result<Vec<u8>> {
+    /// Starts copying `bytes` bytes from the start of `src` back to the
+    /// host: submits the copy and asks for the staging buffer to be mapped.
+    /// [`GpuContext::finish_read`] waits for the map. Starting several reads
+    /// before finishing any lets one GPU wait serve them all.
+    pub(crate) fn start_read(&self, src: &wgpu::Buffer, bytes: u64, what: &str) -> Result<PendingRead> {
         let size = bytes.max(4).div_ceil(4) * 4;
         let staging = self.maybe_scoped(what, || {
             self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -548,31 +596,34 @@ impl GpuContext {
         let mut enc = self.encoder(what);
         enc.inner().copy_buffer_to_buffer(src, 0, &staging, 0, size);
         self.submit(enc)?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            // The receiver lives until after the poll below, so a send
-            // failure cannot happen; there is nothing useful to do if it did.
-            let _ = tx.send(r);
-        });
-        // Map callbacks run inside some thread's `poll`. When several threads
-        // share the device, another thread may be running ours just as our
-        // own wait returns, so wait for the callback itself, polling again
-        // while it has not come.
-        let start = std::time::Instant::now();
-        loop {
-            self.wait()?;
-            match rx.recv_timeout(std::time::Duration::from_millis(5)) {
-                Ok(Ok(())) => break,
-                Ok(Err(e)) => {
-                    return Err(Error::Gpu(format!("{what}: mapping the read-back buffer failed: {e}")));
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if start.elapsed().as_secs() < 600 => {
-                    continue;
-                }
-                Err(_) => {
-                    return Err(Error::Gpu(format!("{what}: the read-back buffer was never mapped")));
-                }
-            }
+        let (tx, mapped) = oneshot();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| tx.send(r));
+        Ok(PendingRead {
+            staging,
+            bytes,
+            what: what.to_string(),
+            mapped,
+        })
+    }
+
+    /// Waits for a read started by [`GpuContext::start_read`] and returns
+    /// its bytes. The map callback fires inside `device.poll` on native
+    /// targets, so this polls until it has; in the browser `poll` does
+    /// nothing and the callback fires from the JS event loop, which the
+    /// `await` yields to. Either way the same future completes the read.
+    pub(crate) async fn finish_read(&self, read: PendingRead) -> Result<Vec<u8>> {
+        let PendingRead {
+            staging,
+            bytes,
+            what,
+            mapped,
+        } = read;
+        #[cfg(not(target_arch = "wasm32"))]
+        self.poll_until(&mapped, &what)?;
+        match mapped.await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::Gpu(format!("{what}: mapping the read-back buffer failed: {e}"))),
+            None => return Err(Error::Gpu(format!("{what}: the read-back buffer was never mapped"))),
         }
         let out = {
             let view = staging
@@ -582,24 +633,195 @@ impl GpuContext {
             view[..bytes as usize].to_vec()
         };
         staging.unmap();
+        self.take_uncaptured(&what)?;
         Ok(out)
     }
 
-    /// Reads a u32 tensor back (waits for all submitted work).
-    pub fn read_u32(&self, t: &GpuTensor) -> Result<Vec<u32>> {
+    /// Polls the device until `rx` has its value. When several threads
+    /// share the device, another thread's `poll` may be running our
+    /// callback just as our own wait returns, so this waits for the
+    /// callback itself, polling again while it has not come.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn poll_until<T>(&self, rx: &OneshotRx<T>, what: &str) -> Result<()> {
+        let start = web_time::Instant::now();
+        loop {
+            self.wait()?;
+            if rx.is_ready() {
+                return Ok(());
+            }
+            if start.elapsed().as_secs() >= 600 {
+                return Err(Error::Gpu(format!("{what}: the read-back buffer was never mapped")));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Copies `bytes` bytes from the start of `src` back to the host, after
+    /// all work submitted before it.
+    pub(crate) async fn read_bytes_async(&self, src: &wgpu::Buffer, bytes: u64, what: &str) -> Result<Vec<u8>> {
+        let read = self.start_read(src, bytes, what)?;
+        self.finish_read(read).await
+    }
+
+    /// [`GpuContext::read_bytes_async`], blocking (native only: a browser
+    /// page cannot block on the GPU).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn read_bytes(&self, src: &wgpu::Buffer, bytes: u64, what: &str) -> Result<Vec<u8>> {
+        pollster::block_on(self.read_bytes_async(src, bytes, what))
+    }
+
+    /// Reads a u32 tensor back, after all submitted work.
+    pub async fn read_u32_async(&self, t: &GpuTensor) -> Result<Vec<u32>> {
         if t.elem != Elem::U32 {
             return Err(Error::InvalidArgument(format!("read_u32 on a {:?} tensor", t.elem)));
         }
-        let bytes = self.read_bytes(&t.buffer, t.data_bytes(), "reading a tensor back")?;
+        let bytes = self
+            .read_bytes_async(&t.buffer, t.data_bytes(), "reading a tensor back")
+            .await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
-    /// Reads an f32 tensor back (waits for all submitted work).
-    pub fn read_f32(&self, t: &GpuTensor) -> Result<Vec<f32>> {
+    /// Reads an f32 tensor back, after all submitted work.
+    pub async fn read_f32_async(&self, t: &GpuTensor) -> Result<Vec<f32>> {
         if t.elem != Elem::F32 {
             return Err(Error::InvalidArgument(format!("read_f32 on a {:?} tensor", t.elem)));
         }
-        let bytes = self.read_bytes(&t.buffer, t.data_bytes(), "reading a tensor back")?;
+        let bytes = self
+            .read_bytes_async(&t.buffer, t.data_bytes(), "reading a tensor back")
+            .await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// Reads a u32 tensor back (waits for all submitted work; native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_u32(&self, t: &GpuTensor) -> Result<Vec<u32>> {
+        pollster::block_on(self.read_u32_async(t))
+    }
+
+    /// Reads an f32 tensor back (waits for all submitted work; native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_f32(&self, t: &GpuTensor) -> Result<Vec<f32>> {
+        pollster::block_on(self.read_f32_async(t))
+    }
+}
+
+/// A validation and an out-of-memory error scope, pushed together.
+struct ErrorScopes {
+    oom: wgpu::ErrorScopeGuard,
+    validation: wgpu::ErrorScopeGuard,
+}
+
+impl ErrorScopes {
+    fn push(device: &wgpu::Device) -> ErrorScopes {
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        ErrorScopes { oom, validation }
+    }
+
+    /// Pops both scopes now, so that later work is outside them; the future
+    /// resolves to what they caught, as `Error::Gpu` naming `what`. This is
+    /// the one implementation of error checking on every target.
+    fn pop(self, what: String) -> impl std::future::Future<Output = Result<()>> {
+        // Scopes pop in reverse order of their pushes.
+        let validation = self.validation.pop();
+        let oom = self.oom.pop();
+        async move {
+            match (validation.await, oom.await) {
+                (None, None) => Ok(()),
+                (Some(e), _) => Err(Error::Gpu(format!("{what}: validation error: {e}"))),
+                (None, Some(e)) => Err(Error::Gpu(format!("{what}: out of GPU memory: {e}"))),
+            }
+        }
+    }
+}
+
+/// A read-back in flight (see [`GpuContext::start_read`]).
+pub(crate) struct PendingRead {
+    staging: wgpu::Buffer,
+    bytes: u64,
+    what: String,
+    mapped: OneshotRx<std::result::Result<(), wgpu::BufferAsyncError>>,
+}
+
+/// One value handed from a wgpu callback to a future. The callback may run
+/// on another thread (inside its `poll`) natively, or on the JS event loop
+/// in the browser; the receiver is polled by whoever awaits the read.
+struct Slot<T> {
+    value: Option<T>,
+    /// The sender was dropped without sending.
+    closed: bool,
+    waker: Option<std::task::Waker>,
+}
+
+pub(crate) struct OneshotTx<T>(Arc<Mutex<Slot<T>>>);
+pub(crate) struct OneshotRx<T>(Arc<Mutex<Slot<T>>>);
+
+pub(crate) fn oneshot<T>() -> (OneshotTx<T>, OneshotRx<T>) {
+    let slot = Arc::new(Mutex::new(Slot {
+        value: None,
+        closed: false,
+        waker: None,
+    }));
+    (OneshotTx(slot.clone()), OneshotRx(slot))
+}
+
+fn lock_slot<T>(slot: &Mutex<Slot<T>>) -> MutexGuard<'_, Slot<T>> {
+    // A poisoned slot still holds a valid Option; a panicking sender cannot
+    // have left it half-written.
+    match slot.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl<T> OneshotTx<T> {
+    pub(crate) fn send(self, value: T) {
+        let waker = {
+            let mut s = lock_slot(&self.0);
+            s.value = Some(value);
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl<T> Drop for OneshotTx<T> {
+    fn drop(&mut self) {
+        let waker = {
+            let mut s = lock_slot(&self.0);
+            s.closed = true;
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl<T> OneshotRx<T> {
+    /// Whether the value (or the sender's drop) has arrived.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    pub(crate) fn is_ready(&self) -> bool {
+        let s = lock_slot(&self.0);
+        s.value.is_some() || s.closed
+    }
+}
+
+impl<T> std::future::Future for OneshotRx<T> {
+    /// `None` when the sender was dropped without sending.
+    type Output = Option<T>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
+        let mut s = lock_slot(&self.0);
+        if let Some(v) = s.value.take() {
+            return std::task::Poll::Ready(Some(v));
+        }
+        if s.closed {
+            return std::task::Poll::Ready(None);
+        }
+        s.waker = Some(cx.waker().clone());
+        std::task::Poll::Pending
     }
 }

@@ -35,15 +35,18 @@ use std::sync::{Arc, Mutex};
 use crate::config::{ModelConfig, QkNorm};
 use crate::error::{Error, Result};
 use crate::gpu::attention::{AttentionShape, attention, clamp, gather_rows, kv_append};
+use crate::gpu::context::Elem;
 use crate::gpu::context::{GpuContext, GpuEncoder, GpuTensor};
 use crate::gpu::kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
 use crate::gpu::moe::{GpuExperts, Grouping, MoeInput, Routing, group_by_expert, moe_combine, moe_matmul, route_topk};
 use crate::gpu::selection::{PolicyBuffers, apply_policy, log_record_len};
+use crate::gpu::upload::{Convert, Part, WeightStream, WeightUpload};
 use crate::gpu::weights::GpuMatrix;
 use crate::linear::QLinear;
 use crate::metrics::{LayerMetrics, StepMetrics};
 use crate::model::{Ffn, Logits, Mlp, Model};
 use crate::selection::{ExpertPolicy, Resolved};
+use crate::tensor::{DType, WeightVec};
 
 /// Tokens per KV-cache page.
 pub const KV_PAGE: usize = 16;
@@ -60,10 +63,10 @@ pub struct GpuLinear {
 }
 
 impl GpuLinear {
-    fn upload(ctx: &GpuContext, l: &QLinear) -> Result<GpuLinear> {
-        let w = GpuMatrix::upload(ctx, &l.weight)?;
+    fn create(ctx: &GpuContext, up: &mut WeightUpload, l: &QLinear) -> Result<GpuLinear> {
+        let w = GpuMatrix::create(ctx, &l.weight, up, ctx.max_binding_bytes())?;
         let bias = match &l.bias {
-            Some(b) => Some(ctx.upload_f32(&format!("{} bias", l.weight.name), b, &[b.len()])?),
+            Some(b) => Some(vec_tensor(ctx, up, &format!("{} bias", l.weight.name), b)?),
             None => None,
         };
         Ok(GpuLinear { w, bias })
@@ -82,11 +85,11 @@ struct GpuMlp {
 }
 
 impl GpuMlp {
-    fn upload(ctx: &GpuContext, m: &Mlp) -> Result<GpuMlp> {
+    fn create(ctx: &GpuContext, up: &mut WeightUpload, m: &Mlp) -> Result<GpuMlp> {
         Ok(GpuMlp {
-            gate_proj: GpuLinear::upload(ctx, &m.gate_proj)?,
-            up_proj: GpuLinear::upload(ctx, &m.up_proj)?,
-            down_proj: GpuLinear::upload(ctx, &m.down_proj)?,
+            gate_proj: GpuLinear::create(ctx, up, &m.gate_proj)?,
+            up_proj: GpuLinear::create(ctx, up, &m.up_proj)?,
+            down_proj: GpuLinear::create(ctx, up, &m.down_proj)?,
         })
     }
 
@@ -290,27 +293,71 @@ impl std::fmt::Debug for GpuModel {
     }
 }
 
-fn vec_tensor(ctx: &GpuContext, label: &str, v: &[f32]) -> Result<GpuTensor> {
-    ctx.upload_f32(label, v, &[v.len()])
+/// A weight vector (norm, bias) as an f32 tensor, written from its stored
+/// tensor like every other weight (so it can be streamed too).
+fn vec_tensor(ctx: &GpuContext, up: &mut WeightUpload, label: &str, v: &WeightVec) -> Result<GpuTensor> {
+    let t = &v.tensor;
+    let n = t.numel();
+    let buffer = match t.dtype {
+        DType::F32 | DType::F16 | DType::BF16 => {
+            let part = Part {
+                tensor: t,
+                bytes: 0..t.byte_range().len(),
+                convert: Convert::between(t.dtype, DType::F32),
+            };
+            up.buffer(ctx, label, n as u64 * 4, true, &[part])?
+        }
+        // No known checkpoint quantises a vector; one in memory is decoded
+        // already, and a streamed one cannot be decoded in pieces.
+        _ if t.is_resident() => ctx.upload_f32(label, &v.values, &[n])?.buffer,
+        d => {
+            return Err(Error::Gpu(format!(
+                "vector `{}` is stored as {d}; a streamed vector must be F32, F16 or BF16",
+                t.name
+            )));
+        }
+    };
+    Ok(GpuTensor {
+        buffer,
+        shape: vec![n],
+        elem: Elem::F32,
+    })
 }
 
 impl GpuModel {
-    /// Uploads `model`'s weights in their stored formats (F16/BF16 widened
-    /// to F32). `progress(done, total)` is called after each layer.
-    pub fn upload(ctx: Arc<GpuContext>, model: &Model, mut progress: impl FnMut(usize, usize)) -> Result<GpuModel> {
+    /// Uploads `model`'s weights (in memory) in their stored formats
+    /// (F16/BF16 widened to F32). `progress(done, total)` is called after
+    /// each layer.
+    pub fn upload(ctx: Arc<GpuContext>, model: &Model, progress: impl FnMut(usize, usize)) -> Result<GpuModel> {
+        let (gpu, stream) = Self::create(ctx, model, progress)?;
+        // Nothing is left to stream for a model in memory; this checks that
+        // and finishes the writes.
+        stream.finish()?;
+        Ok(gpu)
+    }
+
+    /// Creates every GPU buffer of `model` and writes the weights that are
+    /// in memory; the returned [`WeightStream`] writes the others (a model
+    /// built over a streamed GGUF, see [`crate::gpu::GgufStreamLoad`]) as
+    /// their bytes arrive. The model is ready once the stream has finished.
+    /// This is the one upload path, for files on disk and for streams.
+    pub fn create(
+        ctx: Arc<GpuContext>,
+        model: &Model,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<(GpuModel, WeightStream)> {
         let cfg = model.config.clone();
-        let c = &ctx;
-        let embed = GpuMatrix::upload(c, &model.embed_tokens)?;
+        let mut upload = WeightUpload::default();
+        let up = &mut upload;
+        let c = &*ctx;
+        let embed = GpuMatrix::create(c, &model.embed_tokens, up, c.max_binding_bytes())?;
         let tied = model.lm_head.weight.dtype == model.embed_tokens.dtype
             && model.lm_head.weight.shape == model.embed_tokens.shape
-            && std::ptr::eq(
-                model.lm_head.weight.bytes().as_ptr(),
-                model.embed_tokens.bytes().as_ptr(),
-            );
+            && model.lm_head.weight.same_storage(&model.embed_tokens);
         let lm_head = if tied {
             None
         } else {
-            Some(GpuMatrix::upload(c, &model.lm_head.weight)?)
+            Some(GpuMatrix::create(c, &model.lm_head.weight, up, c.max_binding_bytes())?)
         };
         if model.lm_head.bias.is_some() {
             return Err(Error::Gpu("an lm_head bias is not supported on the GPU".into()));
@@ -319,7 +366,7 @@ impl GpuModel {
         for (l, layer) in model.layers.iter().enumerate() {
             let a = &layer.self_attn;
             let ffn = match &layer.ffn {
-                Ffn::Dense(m) => GpuFfn::Dense(GpuMlp::upload(c, m)?),
+                Ffn::Dense(m) => GpuFfn::Dense(GpuMlp::create(c, up, m)?),
                 Ffn::Moe(moe) => {
                     let pick = |f: fn(&Mlp) -> &QLinear| moe.experts.iter().map(|e| &f(e).weight).collect::<Vec<_>>();
                     if moe
@@ -332,44 +379,52 @@ impl GpuModel {
                         )));
                     }
                     let shared = match &moe.shared_expert {
-                        Some((m, g)) => Some((GpuMlp::upload(c, m)?, GpuLinear::upload(c, g)?)),
+                        Some((m, g)) => Some((GpuMlp::create(c, up, m)?, GpuLinear::create(c, up, g)?)),
                         None => None,
                     };
                     GpuFfn::Moe(GpuMoe {
-                        router: GpuLinear::upload(c, &moe.gate)?,
-                        gate_proj: GpuExperts::upload(
+                        router: GpuLinear::create(c, up, &moe.gate)?,
+                        gate_proj: GpuExperts::create(
                             c,
                             &format!("layers.{l}.experts.gate_proj"),
                             &pick(|m| &m.gate_proj),
+                            up,
                         )?,
-                        up_proj: GpuExperts::upload(c, &format!("layers.{l}.experts.up_proj"), &pick(|m| &m.up_proj))?,
-                        down_proj: GpuExperts::upload(
+                        up_proj: GpuExperts::create(
+                            c,
+                            &format!("layers.{l}.experts.up_proj"),
+                            &pick(|m| &m.up_proj),
+                            up,
+                        )?,
+                        down_proj: GpuExperts::create(
                             c,
                             &format!("layers.{l}.experts.down_proj"),
                             &pick(|m| &m.down_proj),
+                            up,
                         )?,
                         shared,
                     })
                 }
             };
             layers.push(GpuLayer {
-                input_layernorm: vec_tensor(c, &format!("layers.{l}.input_layernorm"), &layer.input_layernorm)?,
-                q_proj: GpuLinear::upload(c, &a.q_proj)?,
-                k_proj: GpuLinear::upload(c, &a.k_proj)?,
-                v_proj: GpuLinear::upload(c, &a.v_proj)?,
-                o_proj: GpuLinear::upload(c, &a.o_proj)?,
+                input_layernorm: vec_tensor(c, up, &format!("layers.{l}.input_layernorm"), &layer.input_layernorm)?,
+                q_proj: GpuLinear::create(c, up, &a.q_proj)?,
+                k_proj: GpuLinear::create(c, up, &a.k_proj)?,
+                v_proj: GpuLinear::create(c, up, &a.v_proj)?,
+                o_proj: GpuLinear::create(c, up, &a.o_proj)?,
                 q_norm: a
                     .q_norm
                     .as_ref()
-                    .map(|w| vec_tensor(c, &format!("layers.{l}.q_norm"), w))
+                    .map(|w| vec_tensor(c, up, &format!("layers.{l}.q_norm"), w))
                     .transpose()?,
                 k_norm: a
                     .k_norm
                     .as_ref()
-                    .map(|w| vec_tensor(c, &format!("layers.{l}.k_norm"), w))
+                    .map(|w| vec_tensor(c, up, &format!("layers.{l}.k_norm"), w))
                     .transpose()?,
                 post_attention_layernorm: vec_tensor(
                     c,
+                    up,
                     &format!("layers.{l}.post_attention_layernorm"),
                     &layer.post_attention_layernorm,
                 )?,
@@ -377,14 +432,14 @@ impl GpuModel {
             });
             progress(l + 1, model.layers.len());
         }
-        let norm = vec_tensor(c, "norm", &model.norm)?;
+        let norm = vec_tensor(c, up, "norm", &model.norm)?;
         let kv = Self::new_pool(c, &cfg, INITIAL_PAGES)?;
         let alloc = PageAllocator {
             capacity: INITIAL_PAGES,
             free: (0..INITIAL_PAGES as u32).rev().collect(),
         };
-        ctx.wait()?;
-        Ok(GpuModel {
+        let stream = upload.into_stream(ctx.clone())?;
+        let gpu = GpuModel {
             ctx,
             config: cfg,
             embed,
@@ -400,7 +455,8 @@ impl GpuModel {
             collect_metrics: false,
             subscribers: Mutex::new(Vec::new()),
             last_metrics: Mutex::new(None),
-        })
+        };
+        Ok((gpu, stream))
     }
 
     fn new_pool(ctx: &GpuContext, cfg: &ModelConfig, pages: usize) -> Result<KvPool> {
@@ -634,8 +690,25 @@ impl GpuModel {
     /// Runs the new tokens of several sequences through the model, appending
     /// them to each sequence's KV cache, and returns one logits vector per
     /// sequence, as `Model::forward` does. Inputs are validated before any
-    /// cache is touched.
+    /// cache is touched. Blocks until the logits are back (native only; see
+    /// [`GpuModel::forward_async`], which this drives).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward(&self, batch: &mut [(&mut GpuSequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
+        // The read-backs inside poll the device themselves, so the future
+        // never waits on anything but the GPU and blocking on it is safe.
+        pollster::block_on(self.forward_async(batch, logits))
+    }
+
+    /// The forward pass, as a future: the one implementation behind
+    /// [`GpuModel::forward`]. Its only waits are the read-backs of the
+    /// logits (and of the step metrics), which in the browser complete on
+    /// the JS event loop. Calls must not overlap: the page drives one step
+    /// at a time.
+    pub async fn forward_async(
+        &self,
+        batch: &mut [(&mut GpuSequence, &[u32])],
+        logits: Logits,
+    ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
         for (seq, tokens) in batch.iter() {
             if tokens.is_empty() {
@@ -729,7 +802,7 @@ impl GpuModel {
                         seqs.push(s);
                     }
                 }
-                self.step(&mut seqs, &order, &pieces, &want)?
+                self.step(&mut seqs, &order, &pieces, &want).await?
             };
             for ((_, b), r) in want.iter().zip(rows.chunks(v)) {
                 out[*b].extend_from_slice(r);
@@ -741,7 +814,7 @@ impl GpuModel {
     /// One pass through the layers for `pieces` = (sequence, its cached
     /// length, new tokens); `seqs[i]` is sequence `order[i]`. Returns the
     /// logits of rows `want` (row index within the step), concatenated.
-    fn step(
+    async fn step(
         &self,
         seqs: &mut [&mut GpuSequence],
         order: &[usize],
@@ -750,7 +823,7 @@ impl GpuModel {
     ) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let ctx = &*self.ctx;
-        let started = std::time::Instant::now();
+        let started = web_time::Instant::now();
         let (c, h, hkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let t: usize = pieces.iter().map(|(_, _, p)| p.len()).sum();
         let slot = |b: usize| order.iter().position(|&o| o == b).unwrap_or(0);
@@ -818,120 +891,144 @@ impl GpuModel {
         let dest_t = ctx.upload_u32("step cache rows", &dest, &[t])?;
         let pages_t = ctx.upload_u32("step page table", &table, &[seqs.len(), max_pages])?;
 
-        let kv = self.kv.lock().map_err(|_| Error::Gpu("KV pool lock poisoned".into()))?;
-        let mut scratch_slot = self
-            .scratch
-            .lock()
-            .map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
-        if scratch_slot.as_ref().is_none_or(|s| s.t != t) {
-            // Free the old step's buffers before allocating the new ones.
-            *scratch_slot = None;
-            *scratch_slot = Some(self.new_scratch(t)?);
-        }
-        let sc = scratch_slot
-            .as_ref()
-            .ok_or_else(|| Error::Gpu("step scratch missing".into()))?;
-        let mut enc = ctx.encoder("forward step");
-        let x = &sc.x;
-        embed_rows(ctx, &mut enc, &self.embed, &ids_t, x)?;
-        let shape = AttentionShape {
-            heads: h,
-            kv_heads: hkv,
-            head_dim: d,
-            page: KV_PAGE,
-            max_pages,
-            max_keys,
-            sliding_window: cfg.sliding_window,
-        };
-        for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm_rows(ctx, &mut enc, x, &layer.input_layernorm, &sc.h, c, cfg.rms_norm_eps)?;
-            layer.q_proj.forward(ctx, &mut enc, &sc.h, &sc.q)?;
-            layer.k_proj.forward(ctx, &mut enc, &sc.h, &sc.k)?;
-            layer.v_proj.forward(ctx, &mut enc, &sc.h, &sc.v)?;
-            // q/k norm: over the whole vector (OLMoE) or each head (Qwen3).
-            let norm_len = |heads: usize| {
-                if cfg.qk_norm == QkNorm::PerHead { d } else { heads * d }
+        // Everything that holds the KV pool and scratch locks is in this block,
+        // so they are released before the first await.
+        let (logits_read, metric_reads, dispatches) = {
+            let kv = self.kv.lock().map_err(|_| Error::Gpu("KV pool lock poisoned".into()))?;
+            let mut scratch_slot = self
+                .scratch
+                .lock()
+                .map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
+            if scratch_slot.as_ref().is_none_or(|s| s.t != t) {
+                // Free the old step's buffers before allocating the new ones.
+                *scratch_slot = None;
+                *scratch_slot = Some(self.new_scratch(t)?);
+            }
+            let sc = scratch_slot
+                .as_ref()
+                .ok_or_else(|| Error::Gpu("step scratch missing".into()))?;
+            let mut enc = ctx.encoder("forward step");
+            let x = &sc.x;
+            embed_rows(ctx, &mut enc, &self.embed, &ids_t, x)?;
+            let shape = AttentionShape {
+                heads: h,
+                kv_heads: hkv,
+                head_dim: d,
+                page: KV_PAGE,
+                max_pages,
+                max_keys,
+                sliding_window: cfg.sliding_window,
             };
-            let mut q = &sc.q;
-            let mut k = &sc.k;
-            if let Some(w) = &layer.q_norm {
-                rms_norm_rows(ctx, &mut enc, q, w, &sc.qn, norm_len(h), cfg.rms_norm_eps)?;
-                q = &sc.qn;
-            }
-            if let Some(w) = &layer.k_norm {
-                rms_norm_rows(ctx, &mut enc, k, w, &sc.kn, norm_len(hkv), cfg.rms_norm_eps)?;
-                k = &sc.kn;
-            }
-            if let Some(limit) = cfg.clip_qkv {
-                for x in [q, k, &sc.v] {
-                    clamp(ctx, &mut enc, x, limit)?;
+            for (l, layer) in self.layers.iter().enumerate() {
+                rms_norm_rows(ctx, &mut enc, x, &layer.input_layernorm, &sc.h, c, cfg.rms_norm_eps)?;
+                layer.q_proj.forward(ctx, &mut enc, &sc.h, &sc.q)?;
+                layer.k_proj.forward(ctx, &mut enc, &sc.h, &sc.k)?;
+                layer.v_proj.forward(ctx, &mut enc, &sc.h, &sc.v)?;
+                // q/k norm: over the whole vector (OLMoE) or each head (Qwen3).
+                let norm_len = |heads: usize| {
+                    if cfg.qk_norm == QkNorm::PerHead { d } else { heads * d }
+                };
+                let mut q = &sc.q;
+                let mut k = &sc.k;
+                if let Some(w) = &layer.q_norm {
+                    rms_norm_rows(ctx, &mut enc, q, w, &sc.qn, norm_len(h), cfg.rms_norm_eps)?;
+                    q = &sc.qn;
+                }
+                if let Some(w) = &layer.k_norm {
+                    rms_norm_rows(ctx, &mut enc, k, w, &sc.kn, norm_len(hkv), cfg.rms_norm_eps)?;
+                    k = &sc.kn;
+                }
+                if let Some(limit) = cfg.clip_qkv {
+                    for x in [q, k, &sc.v] {
+                        clamp(ctx, &mut enc, x, limit)?;
+                    }
+                }
+                rope_heads(ctx, &mut enc, q, &pos_t, h, d, cfg.rope_theta, cfg.rope_style)?;
+                rope_heads(ctx, &mut enc, k, &pos_t, hkv, d, cfg.rope_theta, cfg.rope_style)?;
+                let (kc, vc) = &kv.layers[l];
+                kv_append(ctx, &mut enc, k, &sc.v, &dest_t, kc, vc)?;
+                attention(ctx, &mut enc, &shape, q, kc, vc, &tok_t, &pages_t, &sc.att)?;
+                layer.o_proj.forward(ctx, &mut enc, &sc.att, &sc.o)?;
+                add(ctx, &mut enc, x, &sc.o)?;
+
+                rms_norm_rows(
+                    ctx,
+                    &mut enc,
+                    x,
+                    &layer.post_attention_layernorm,
+                    &sc.h,
+                    c,
+                    cfg.rms_norm_eps,
+                )?;
+                match &layer.ffn {
+                    GpuFfn::Dense(mlp) => {
+                        let bufs = sc.mlp_for(mlp)?;
+                        mlp.forward(ctx, &mut enc, &sc.h, bufs)?;
+                        add(ctx, &mut enc, x, &bufs[3])?;
+                    }
+                    GpuFfn::Moe(moe) => self.moe(ctx, &mut enc, moe, sc, t, l, resolved)?,
                 }
             }
-            rope_heads(ctx, &mut enc, q, &pos_t, h, d, cfg.rope_theta, cfg.rope_style)?;
-            rope_heads(ctx, &mut enc, k, &pos_t, hkv, d, cfg.rope_theta, cfg.rope_style)?;
-            let (kc, vc) = &kv.layers[l];
-            kv_append(ctx, &mut enc, k, &sc.v, &dest_t, kc, vc)?;
-            attention(ctx, &mut enc, &shape, q, kc, vc, &tok_t, &pages_t, &sc.att)?;
-            layer.o_proj.forward(ctx, &mut enc, &sc.att, &sc.o)?;
-            add(ctx, &mut enc, x, &sc.o)?;
 
-            rms_norm_rows(
-                ctx,
-                &mut enc,
-                x,
-                &layer.post_attention_layernorm,
-                &sc.h,
-                c,
-                cfg.rms_norm_eps,
-            )?;
-            match &layer.ffn {
-                GpuFfn::Dense(mlp) => {
-                    let bufs = sc.mlp_for(mlp)?;
-                    mlp.forward(ctx, &mut enc, &sc.h, bufs)?;
-                    add(ctx, &mut enc, x, &bufs[3])?;
+            // Final norm and head, only on the wanted rows.
+            let r = want.len();
+            let dispatches = enc.dispatches as u64;
+            let logits_read = if r == 0 {
+                ctx.submit(enc)?;
+                self.sample_memory();
+                None
+            } else {
+                let idx = ctx.upload_u32(
+                    "logit rows",
+                    &want.iter().map(|(i, _)| *i as u32).collect::<Vec<_>>(),
+                    &[r],
+                )?;
+                let picked = ctx.zeros_f32("logit rows of x", &[r, c])?;
+                gather_rows(ctx, &mut enc, x, &idx, &picked)?;
+                let normed = ctx.zeros_f32("final norm", &[r, c])?;
+                rms_norm_rows(ctx, &mut enc, &picked, &self.norm, &normed, c, cfg.rms_norm_eps)?;
+                let logits = ctx.zeros_f32("logits", &[r, cfg.vocab_size])?;
+                matmul_nt(
+                    ctx,
+                    &mut enc,
+                    &normed,
+                    self.lm_head.as_ref().unwrap_or(&self.embed),
+                    None,
+                    &logits,
+                )?;
+                ctx.submit(enc)?;
+                self.sample_memory();
+                Some(ctx.start_read(logits.buffer(), logits.data_bytes(), "reading the logits back")?)
+            };
+            // The metric read-backs are started too before anything is
+            // awaited, so one wait serves all of them; nothing is held while
+            // the GPU (or, in the browser, the event loop) runs.
+            let metric_reads = match (&sc.expert_offsets, self.metrics_wanted()) {
+                (Some(log), true) => {
+                    let offsets = ctx.start_read(log.buffer(), log.data_bytes(), "reading the expert offsets back")?;
+                    let plog = match &sc.policy_log {
+                        Some(l) => Some(ctx.start_read(l.buffer(), l.data_bytes(), "reading the policy log back")?),
+                        None => None,
+                    };
+                    Some((offsets, plog, log.shape[1]))
                 }
-                GpuFfn::Moe(moe) => self.moe(ctx, &mut enc, moe, sc, t, l, resolved)?,
-            }
-        }
-
-        // Final norm and head, only on the wanted rows.
-        let r = want.len();
-        let dispatches = enc.dispatches as u64;
-        let result = if r == 0 {
-            ctx.submit(enc)?;
-            self.sample_memory();
-            Vec::new()
-        } else {
-            let idx = ctx.upload_u32(
-                "logit rows",
-                &want.iter().map(|(i, _)| *i as u32).collect::<Vec<_>>(),
-                &[r],
-            )?;
-            let picked = ctx.zeros_f32("logit rows of x", &[r, c])?;
-            gather_rows(ctx, &mut enc, x, &idx, &picked)?;
-            let normed = ctx.zeros_f32("final norm", &[r, c])?;
-            rms_norm_rows(ctx, &mut enc, &picked, &self.norm, &normed, c, cfg.rms_norm_eps)?;
-            let logits = ctx.zeros_f32("logits", &[r, cfg.vocab_size])?;
-            matmul_nt(
-                ctx,
-                &mut enc,
-                &normed,
-                self.lm_head.as_ref().unwrap_or(&self.embed),
-                None,
-                &logits,
-            )?;
-            ctx.submit(enc)?;
-            self.sample_memory();
-            ctx.read_f32(&logits)?
+                _ => None,
+            };
+            (logits_read, metric_reads, dispatches)
         };
-        if self.metrics_wanted()
-            && let Some(log) = &sc.expert_offsets
-        {
-            let m = self.read_metrics(sc, log, t, decode, policy_name(resolved, policy), started)?;
+        let result = match logits_read {
+            Some(read) => bytemuck::pod_collect_to_vec(&ctx.finish_read(read).await?),
+            None => Vec::new(),
+        };
+        if let Some((offsets, plog, e1)) = metric_reads {
+            let offsets: Vec<u32> = bytemuck::pod_collect_to_vec(&ctx.finish_read(offsets).await?);
+            let plog: Vec<u32> = match plog {
+                Some(read) => bytemuck::pod_collect_to_vec(&ctx.finish_read(read).await?),
+                None => Vec::new(),
+            };
+            let m = self.metrics_from(&offsets, e1, &plog, t, decode, policy_name(resolved, policy), started);
             self.publish(m);
         }
-        drop(scratch_slot);
-        drop(kv);
         for (b, _, toks) in pieces {
             seqs[slot(*b)].len += toks.len();
         }
@@ -943,26 +1040,21 @@ impl GpuModel {
         Ok(result)
     }
 
-    /// Reads back this step's expert offsets and policy log and turns them
+    /// Turns a step's read-back expert offsets ((L, e1) u32) and policy log
     /// into [`StepMetrics`].
-    fn read_metrics(
+    #[allow(clippy::too_many_arguments)]
+    fn metrics_from(
         &self,
-        sc: &Scratch,
-        offsets_log: &GpuTensor,
+        offsets: &[u32],
+        e1: usize,
+        plog: &[u32],
         t: usize,
         decode: bool,
         policy: String,
-        started: std::time::Instant,
-    ) -> Result<StepMetrics> {
-        let ctx = &*self.ctx;
+        started: web_time::Instant,
+    ) -> StepMetrics {
         let k = self.config.moe.as_ref().map_or(0, |m| m.top_k);
-        let offsets = ctx.read_u32(offsets_log)?;
-        let plog = match &sc.policy_log {
-            Some(l) => ctx.read_u32(l)?,
-            None => Vec::new(),
-        };
         let exact = policy == "exact";
-        let e1 = offsets_log.shape[1];
         let rec = log_record_len(t, k);
         let mut layers = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
@@ -991,7 +1083,7 @@ impl GpuModel {
             });
         }
         let step = self.stats().steps as u64;
-        Ok(StepMetrics {
+        StepMetrics {
             step,
             policy,
             decode,
@@ -999,7 +1091,7 @@ impl GpuModel {
             top_k: k,
             layers,
             seconds: started.elapsed().as_secs_f64(),
-        })
+        }
     }
 
     fn publish(&self, m: StepMetrics) {

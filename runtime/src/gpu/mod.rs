@@ -35,6 +35,8 @@
 //! ```
 
 pub mod attention;
+// Benchmarks block on the GPU and time with std's clock: native only.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod context;
 pub mod engine;
@@ -42,6 +44,7 @@ pub mod kernels;
 pub mod moe;
 pub mod pipelines;
 pub mod selection;
+pub mod upload;
 pub mod weights;
 
 #[cfg(test)]
@@ -49,9 +52,11 @@ mod tests;
 #[cfg(test)]
 mod tests_moe_attention;
 
+#[cfg(not(target_arch = "wasm32"))]
 pub use bench::{bench_cpu_matmul, bench_matmul, bench_selection};
 pub use context::{Elem, GpuContext, GpuEncoder, GpuFeatures, GpuOptions, GpuTensor};
 pub use engine::{GpuModel, GpuSequence, KV_PAGE, StepStats};
 pub use kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
 pub use pipelines::{DefineValue, ShaderSpec};
+pub use upload::{GgufStreamLoad, WeightStream};
 pub use weights::GpuMatrix;

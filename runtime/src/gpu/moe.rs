@@ -12,8 +12,9 @@ use crate::error::{Error, Result};
 use crate::gpu::context::{Elem, GpuContext, GpuEncoder, GpuTensor};
 use crate::gpu::kernels::{ELEMENTWISE_WG, check_tensor, grid_2d, invalid, matmul_tile_t, params, whole};
 use crate::gpu::pipelines::{Bind, ShaderSpec};
+use crate::gpu::upload::{Convert, Part, WeightUpload};
 use crate::gpu::weights::ROW_TILE;
-use crate::tensor::{DType, QTensor, dequantize};
+use crate::tensor::{DType, QTensor};
 
 /// The most experts the routing kernel handles (its bit set of taken experts).
 pub const MAX_EXPERTS: usize = 256;
@@ -37,9 +38,24 @@ pub struct GpuExperts {
 }
 
 impl GpuExperts {
-    /// Uploads one (N, C) tensor per expert; all must share shape and format.
-    /// F16/BF16 are widened to F32, as [`crate::gpu::GpuMatrix`] does.
+    /// Uploads one (N, C) tensor per expert (in memory); all must share
+    /// shape and format. F16/BF16 are widened to F32, as
+    /// [`crate::gpu::GpuMatrix`] does.
     pub fn upload(ctx: &GpuContext, name: &str, experts: &[&QTensor]) -> Result<GpuExperts> {
+        let mut up = WeightUpload::default();
+        let e = Self::create(ctx, name, experts, &mut up)?;
+        up.finish_resident(ctx)?;
+        Ok(e)
+    }
+
+    /// Creates the chunk buffers and hands each expert's bytes to `up`,
+    /// which writes them now (in memory) or as they stream in.
+    pub(crate) fn create(
+        ctx: &GpuContext,
+        name: &str,
+        experts: &[&QTensor],
+        up: &mut WeightUpload,
+    ) -> Result<GpuExperts> {
         let first = experts
             .first()
             .ok_or_else(|| invalid(format!("experts `{name}`: no experts")))?;
@@ -69,7 +85,8 @@ impl GpuExperts {
         }
         let row_bytes = dtype.bytes_for(cols);
         let expert_bytes = rows * row_bytes;
-        // Decoders may read one word past a field, so each chunk has a spare word.
+        // Decoders may read one word past a field, so each chunk has a spare
+        // word. The limit is the adapter's (see `max_binding_bytes`).
         let limit = ctx.max_binding_bytes() as usize - 8;
         let per_chunk = (limit / expert_bytes).min(experts.len());
         if per_chunk == 0 {
@@ -77,22 +94,21 @@ impl GpuExperts {
                 "experts `{name}`: one expert ({expert_bytes} bytes) does not fit a storage binding of {limit} bytes"
             )));
         }
+        let convert = Convert::between(src, dtype);
         let mut chunks = Vec::new();
         for (ci, group) in experts.chunks(per_chunk).enumerate() {
             let e0 = ci * per_chunk;
-            let mut bytes = Vec::with_capacity(group.len() * expert_bytes + 4);
-            for t in group {
-                if dtype == src {
-                    bytes.extend_from_slice(t.bytes());
-                } else {
-                    let mut f = vec![0f32; rows * cols];
-                    dequantize(src, t.bytes(), &mut f);
-                    bytes.extend_from_slice(bytemuck::cast_slice(&f));
-                }
-            }
-            bytes.resize(group.len() * expert_bytes + 4, 0);
+            let parts: Vec<Part<'_>> = group
+                .iter()
+                .map(|t| Part {
+                    tensor: t,
+                    bytes: 0..t.byte_range().len(),
+                    convert,
+                })
+                .collect();
             let label = format!("{name} experts {e0}..{} ({dtype})", e0 + group.len());
-            chunks.push((ctx.upload_bytes(&label, &bytes)?, e0, group.len()));
+            let buffer = up.buffer(ctx, &label, (group.len() * expert_bytes + 4) as u64, false, &parts)?;
+            chunks.push((buffer, e0, group.len()));
         }
         Ok(GpuExperts {
             name: name.to_string(),

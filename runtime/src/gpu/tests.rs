@@ -183,6 +183,101 @@ fn matmul_splits_large_weights_into_chunks() {
     }
 }
 
+/// Streams weights through `WeightStream` the way the browser does (a file
+/// that is not in memory, arriving in chunks of odd sizes) and checks that
+/// every GPU buffer holds exactly what the in-memory upload writes: for
+/// widened F16/BF16 values split inside a value, for Q4_0 rows of 18 bytes
+/// that are not word aligned, across several chunk buffers, and with bytes
+/// between tensors that belong to no weight.
+#[test]
+fn streamed_weights_match_resident_uploads_byte_for_byte() {
+    use crate::gpu::upload::WeightUpload;
+    use crate::tensor::Buffer;
+    if ctx().is_none() {
+        return;
+    }
+    let ctx = Arc::new(GpuContext::new(GpuOptions::from_env()).unwrap());
+    let tensors = [
+        weight(DType::F16, 70, 64, 31),
+        weight(DType::Q4_0, 130, 32, 32),
+        weight(DType::BF16, 3, 32, 33),
+        weight(DType::Q8_0, 65, 64, 34),
+    ];
+    // A fake file: junk, then each tensor followed by a few junk bytes.
+    let mut file = vec![0xAB; 5];
+    let mut ranges = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        let start = file.len();
+        file.extend_from_slice(t.bytes());
+        ranges.push(start..file.len());
+        file.extend(std::iter::repeat_n(0xCD, i + 1));
+    }
+    let deferred = Arc::new(Buffer::Deferred { len: file.len() });
+    // Room for 64 rows (and the spare word) per chunk buffer.
+    let limit = |t: &QTensor| {
+        let gpu = if t.dtype.is_quantized() { t.dtype } else { DType::F32 };
+        (64 * gpu.bytes_for(t.cols()) + 8) as u64
+    };
+    let mut up = WeightUpload::default();
+    let streamed: Vec<GpuMatrix> = tensors
+        .iter()
+        .zip(&ranges)
+        .map(|(t, r)| {
+            let d = QTensor::new(t.name.clone(), t.dtype, t.shape.clone(), deferred.clone(), r.clone());
+            assert!(!d.is_resident());
+            GpuMatrix::create(&ctx, &d, &mut up, limit(t)).unwrap()
+        })
+        .collect();
+    let mut stream = up.into_stream(ctx.clone()).unwrap();
+    let sizes = [3usize, 1, 7, 64, 5, 1000];
+    let mut at = 0;
+    for i in 0.. {
+        if at == file.len() {
+            break;
+        }
+        let n = sizes[i % sizes.len()].min(file.len() - at);
+        stream.feed(&file[at..at + n]).unwrap();
+        at += n;
+    }
+    stream.finish().unwrap();
+    for (t, s) in tensors.iter().zip(&streamed) {
+        let r = GpuMatrix::upload_with_chunk_limit(&ctx, t, limit(t)).unwrap();
+        assert_eq!(s.chunk_rows(), r.chunk_rows(), "{}", t.name);
+        assert!(
+            s.chunks.len() > 1 || t.rows() < 64,
+            "{}: the test wants several chunks",
+            t.name
+        );
+        for (a, b) in s.chunks.iter().zip(&r.chunks) {
+            let size = b.buffer.size();
+            assert_eq!(a.buffer.size(), size, "{}", t.name);
+            let got = ctx.read_bytes(&a.buffer, size, "streamed chunk").unwrap();
+            let want = ctx.read_bytes(&b.buffer, size, "resident chunk").unwrap();
+            assert!(got == want, "{} rows {}..: streamed bytes differ", t.name, a.row0);
+        }
+    }
+
+    // A stream that stops early names the tensor it stopped in.
+    let mut up = WeightUpload::default();
+    let t = &tensors[1];
+    let d = QTensor::new(
+        t.name.clone(),
+        t.dtype,
+        t.shape.clone(),
+        deferred.clone(),
+        ranges[1].clone(),
+    );
+    GpuMatrix::create(&ctx, &d, &mut up, limit(t)).unwrap();
+    let mut stream = up.into_stream(ctx.clone()).unwrap();
+    stream.feed(&file[..ranges[1].start + 100]).unwrap();
+    let err = stream.finish().unwrap_err().to_string();
+    assert!(err.contains(&t.name) && err.contains("ended"), "{err}");
+
+    // In-memory uploads refuse a tensor that is not in memory.
+    let err = GpuMatrix::upload(&ctx, &d).unwrap_err().to_string();
+    assert!(err.contains("not in memory"), "{err}");
+}
+
 #[test]
 fn matmul_rejects_bad_shapes_without_panicking() {
     let Some(ctx) = ctx() else { return };

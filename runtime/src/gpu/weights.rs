@@ -10,7 +10,8 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
-use crate::tensor::{DType, QTensor, dequantize};
+use crate::gpu::upload::{Convert, Part, WeightUpload};
+use crate::tensor::{DType, QTensor};
 
 /// Chunks hold a multiple of this many rows: the matmul kernel's workgroup
 /// covers this many rows, so no workgroup straddles two chunks.
@@ -44,7 +45,7 @@ pub struct GpuMatrix {
 }
 
 impl GpuMatrix {
-    /// Uploads `t`, split into chunks that each fit one storage binding.
+    /// Uploads `t` (in memory), split into chunks that each fit one storage binding.
     pub fn upload(ctx: &GpuContext, t: &QTensor) -> Result<GpuMatrix> {
         Self::upload_with_chunk_limit(ctx, t, ctx.max_binding_bytes())
     }
@@ -52,6 +53,20 @@ impl GpuMatrix {
     /// Uploads `t` in chunks of at most `max_chunk_bytes` bytes (capped at the
     /// device's binding limit). Tests use a tiny limit to exercise splitting.
     pub fn upload_with_chunk_limit(ctx: &GpuContext, t: &QTensor, max_chunk_bytes: u64) -> Result<GpuMatrix> {
+        let mut up = WeightUpload::default();
+        let m = Self::create(ctx, t, &mut up, max_chunk_bytes)?;
+        up.finish_resident(ctx)?;
+        Ok(m)
+    }
+
+    /// Creates the chunk buffers of `t` and hands its rows to `up`, which
+    /// writes them now (`t` in memory) or as they stream in.
+    pub(crate) fn create(
+        ctx: &GpuContext,
+        t: &QTensor,
+        up: &mut WeightUpload,
+        max_chunk_bytes: u64,
+    ) -> Result<GpuMatrix> {
         let (rows, cols) = (t.rows(), t.cols());
         if rows == 0 || cols == 0 {
             return Err(Error::InvalidArgument(format!(
@@ -70,6 +85,8 @@ impl GpuMatrix {
             )));
         }
         let row_bytes = dtype.bytes_for(cols);
+        // The adapter's own limit (the browser's is often 128 MiB), never a
+        // fixed size: `max_binding_bytes` reads the device limits.
         let limit = max_chunk_bytes.min(ctx.max_binding_bytes()) as usize;
         let fit = limit.saturating_sub(SPARE_BYTES + 3) / row_bytes;
         let rows_per_chunk = if fit >= rows { rows } else { fit / ROW_TILE * ROW_TILE };
@@ -88,29 +105,20 @@ impl GpuMatrix {
             )));
         }
 
+        let src_row_bytes = t.dtype.bytes_for(cols);
+        let convert = Convert::between(t.dtype, dtype);
         let mut chunks = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
         let mut row0 = 0;
         while row0 < rows {
             let n = rows_per_chunk.min(rows - row0);
             let label = format!("{} rows {row0}..{} ({dtype})", t.name, row0 + n);
-            let mut bytes = if dtype == t.dtype {
-                let src_row_bytes = t.dtype.bytes_for(cols);
-                let mut v = Vec::with_capacity(n * row_bytes + SPARE_BYTES);
-                v.extend_from_slice(&t.bytes()[row0 * src_row_bytes..(row0 + n) * src_row_bytes]);
-                v
-            } else {
-                // F16/BF16 widened to F32.
-                let src_row_bytes = t.dtype.bytes_for(cols);
-                let mut f = vec![0f32; n * cols];
-                dequantize(
-                    t.dtype,
-                    &t.bytes()[row0 * src_row_bytes..(row0 + n) * src_row_bytes],
-                    &mut f,
-                );
-                bytemuck::cast_slice(&f).to_vec()
+            // The spare bytes after the rows stay zero.
+            let part = Part {
+                tensor: t,
+                bytes: row0 * src_row_bytes..(row0 + n) * src_row_bytes,
+                convert,
             };
-            bytes.resize(n * row_bytes + SPARE_BYTES, 0);
-            let buffer = ctx.upload_bytes(&label, &bytes)?;
+            let buffer = up.buffer(ctx, &label, (n * row_bytes + SPARE_BYTES) as u64, false, &[part])?;
             chunks.push(WeightChunk { buffer, row0, rows: n });
             row0 += n;
         }
