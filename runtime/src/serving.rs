@@ -63,7 +63,10 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { max_batch: 64, max_queue: 256 }
+        SchedulerConfig {
+            max_batch: 64,
+            max_queue: 256,
+        }
     }
 }
 
@@ -210,7 +213,12 @@ impl Scheduler {
         }
         Ok(Scheduler {
             config,
-            shared: Mutex::new(Shared { queue: VecDeque::new(), shutdown: false, next_id: 0, stats: SchedulerStats::default() }),
+            shared: Mutex::new(Shared {
+                queue: VecDeque::new(),
+                shutdown: false,
+                next_id: 0,
+                stats: SchedulerStats::default(),
+            }),
             wake: Condvar::new(),
         })
     }
@@ -230,7 +238,9 @@ impl Scheduler {
         if prompt.is_empty() {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
         }
-        opts.sampling.validate().map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        opts.sampling
+            .validate()
+            .map_err(|e| SubmitError::Invalid(e.to_string()))?;
         if opts.stop.iter().any(|s| s.is_empty()) {
             return Err(SubmitError::Invalid("a stop string is empty".into()));
         }
@@ -245,11 +255,22 @@ impl Scheduler {
         let alive = Arc::new(());
         let id = s.next_id;
         s.next_id += 1;
-        s.queue.push_back(Pending { id, prompt, opts, events: tx, alive: Arc::downgrade(&alive), submitted: Instant::now() });
+        s.queue.push_back(Pending {
+            id,
+            prompt,
+            opts,
+            events: tx,
+            alive: Arc::downgrade(&alive),
+            submitted: Instant::now(),
+        });
         s.stats.queued = s.queue.len();
         drop(s);
         self.wake.notify_all();
-        Ok(RequestHandle { id, events: rx, _alive: alive })
+        Ok(RequestHandle {
+            id,
+            events: rx,
+            _alive: alive,
+        })
     }
 
     /// Asks [`Scheduler::run`] to finish: queued requests get an error, and
@@ -312,9 +333,15 @@ impl Scheduler {
                 // Requests are validated against the model here, where its
                 // limits are known; a bad one fails alone.
                 let why = if p.prompt.len() >= limit {
-                    Some(format!("the prompt has {} tokens; the context holds {limit}", p.prompt.len()))
+                    Some(format!(
+                        "the prompt has {} tokens; the context holds {limit}",
+                        p.prompt.len()
+                    ))
                 } else {
-                    p.prompt.iter().find(|&&id| id as usize >= vocab).map(|id| format!("token id {id} is outside the vocabulary"))
+                    p.prompt
+                        .iter()
+                        .find(|&&id| id as usize >= vocab)
+                        .map(|id| format!("token id {id} is outside the vocabulary"))
                 };
                 let sampler = Sampler::new(p.opts.sampling);
                 match (why, sampler) {
@@ -350,12 +377,17 @@ impl Scheduler {
             let mut ended = Ended::default();
             // Prefill the newcomers together.
             if !fresh.is_empty() {
-                let mut batch: Vec<(&mut E::Seq, &[u32])> =
-                    fresh.iter_mut().zip(&prompts).map(|(r, p)| (&mut r.seq, p.as_slice())).collect();
+                let mut batch: Vec<(&mut E::Seq, &[u32])> = fresh
+                    .iter_mut()
+                    .zip(&prompts)
+                    .map(|(r, p)| (&mut r.seq, p.as_slice()))
+                    .collect();
                 match engine.forward(&mut batch, Logits::Last) {
                     Ok(logits) => {
                         for (r, row) in fresh.iter_mut().zip(&logits) {
-                            let _ = r.events.send(Event::Started { prompt_tokens: r.prompt_tokens });
+                            let _ = r.events.send(Event::Started {
+                                prompt_tokens: r.prompt_tokens,
+                            });
                             r.first_token_s = r.submitted.elapsed().as_secs_f64();
                             let outcome = Self::advance(r, row, tok, &eos, limit);
                             ended.record(r.id, &r.events, outcome);
