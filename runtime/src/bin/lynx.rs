@@ -18,6 +18,10 @@ use lynx::loader::{LoadedModel, ModelFormat, TensorInfo};
 use lynx::sampling::SamplingParams;
 use lynx::{ChatMessage, Tokenizer};
 
+// In a folder of its own, so that cargo does not take it for a binary.
+#[path = "lynx/serve_cmd.rs"]
+mod serve_cmd;
+
 #[derive(Parser)]
 #[command(name = "lynx", version, about = "Lynx: portable MoE inference runtime")]
 struct Cli {
@@ -41,6 +45,10 @@ enum Command {
     /// sizes, with the model bytes each decode step reads and the bandwidth
     /// that achieves.
     Bench(BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat and text
+    /// completions, streamed or not, with continuous batching), or with
+    /// `--bench` measure that server under load.
+    Serve(serve_cmd::ServeArgs),
     /// Write a model as a GGUF file with its matrices quantised, so the next
     /// load is fast and small (llama and mixtral models).
     Quantize {
@@ -254,6 +262,7 @@ fn main() -> anyhow::Result<()> {
         Command::Chat(args) => chat_cmd(&args),
         Command::Quantize { model, output, to } => quantize_cmd(&model, &output, to.into()),
         Command::Bench(args) => bench_cmd(&args),
+        Command::Serve(args) => serve_cmd::serve_cmd(&args),
     }
 }
 
