@@ -16,6 +16,10 @@ use lynx::selection::ExpertPolicy;
 use lynx::server::{Server, ServerConfig, load};
 use lynx::serving::SchedulerConfig;
 
+/// The fewest requests a --bench row times, so that its percentiles mean
+/// something.
+const MIN_BENCH_REQUESTS: usize = 16;
+
 #[derive(Args)]
 pub struct ServeArgs {
     /// A Hugging Face checkpoint directory or a .gguf file [default: the
@@ -72,7 +76,8 @@ pub struct ServeArgs {
     /// policy in --experts, and print requests/s and latency percentiles.
     #[arg(long, value_delimiter = ',', value_name = "CLIENTS")]
     pub bench: Vec<usize>,
-    /// Requests each client sends one after another in a --bench run.
+    /// Requests each client sends one after another in a --bench run; at
+    /// low client counts more, so that every row times at least 16.
     #[arg(long, default_value_t = 2)]
     pub bench_requests: usize,
     /// Tokens per reply in a --bench run (EOS is ignored, so every reply
@@ -239,7 +244,8 @@ fn bench<E: Engine + Send + Sync + 'static>(
 ) -> anyhow::Result<()> {
     let timeout = Duration::from_secs_f64(args.request_timeout);
     println!(
-        "{} streaming /v1/completions requests per client (short prompts), {} tokens each (EOS ignored), max batch {}",
+        "streaming /v1/completions requests with short prompts, {} per client (at least {MIN_BENCH_REQUESTS} per row), \
+         {} tokens each (EOS ignored), max batch {}",
         args.bench_requests, args.bench_tokens, args.max_batch
     );
     println!(
@@ -263,7 +269,7 @@ fn bench<E: Engine + Send + Sync + 'static>(
             let steps = subscribe();
             let spec = load::LoadSpec {
                 clients,
-                requests_per_client: args.bench_requests,
+                requests_per_client: args.bench_requests.max(MIN_BENCH_REQUESTS.div_ceil(clients)),
                 max_tokens: args.bench_tokens,
                 timeout,
             };
