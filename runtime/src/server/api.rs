@@ -538,8 +538,9 @@ impl Fields<'_> {
         }
     }
 
-    /// An integer field; a number with a fraction, or one beyond i64/u64,
-    /// is refused.
+    /// An integer field. A float without a fraction (`8.0`, as some JSON
+    /// encoders write integers) counts; one with a fraction, or beyond
+    /// the range of i64, is refused.
     fn integer(&self, key: &str) -> Result<Option<i128>, ApiError> {
         match self.get(key) {
             None => Ok(None),
@@ -549,30 +550,28 @@ impl Fields<'_> {
                 } else if let Some(u) = n.as_u64() {
                     Ok(Some(u as i128))
                 } else {
-                    Err(ApiError::invalid(key, format!("`{key}` must be an integer, got {n}")))
+                    match n.as_f64() {
+                        Some(x) if x.fract() == 0.0 && x.abs() < 9.2e18 => Ok(Some(x as i128)),
+                        _ => Err(ApiError::invalid(key, format!("`{key}` must be an integer, got {n}"))),
+                    }
                 }
             }
             Some(other) => Err(wrong_type(key, "an integer", other)),
         }
     }
 
-    /// A token count in `1..=max`. Huge values (beyond any integer type)
-    /// are refused as too large, not as malformed.
+    /// A token count in `1..=max`. Huge whole numbers, even beyond any
+    /// integer type (`1e300`), are refused as too large, not as malformed.
     fn count(&self, key: &str, max: usize) -> Result<Option<usize>, ApiError> {
         let too_large = || ApiError::invalid(key, format!("`{key}` must be at most {max} on this server"));
-        let n = match self.get(key) {
-            Some(Value::Number(n)) if n.as_i64().is_none() && n.as_u64().is_none() => {
-                return match n.as_f64() {
-                    Some(x) if x.fract() == 0.0 && x > 0.0 => Err(too_large()),
-                    _ => Err(ApiError::invalid(
-                        key,
-                        format!("`{key}` must be a positive integer, got {n}"),
-                    )),
-                };
-            }
-            _ => self.integer(key)?,
-        };
-        match n {
+        if let Some(Value::Number(n)) = self.get(key)
+            && let Some(x) = n.as_f64()
+            && x.fract() == 0.0
+            && x > max as f64
+        {
+            return Err(too_large());
+        }
+        match self.integer(key)? {
             None => Ok(None),
             Some(n) if n < 1 => Err(ApiError::invalid(key, format!("`{key}` must be at least 1, got {n}"))),
             Some(n) if n > max as i128 => Err(too_large()),
@@ -652,6 +651,8 @@ mod tests {
         let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":null,"stop":null}"#).unwrap();
         assert_eq!(r.params, CommonParams::default());
         assert_eq!(r.params.options(16).max_new_tokens, 16);
+        let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":5.0,"seed":3.0}"#).unwrap();
+        assert_eq!((r.params.max_tokens, r.params.seed), (Some(5), 3));
     }
 
     #[test]
