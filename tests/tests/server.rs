@@ -417,6 +417,8 @@ fn every_endpoint_answers_in_openai_shape() {
     // A viewer attached to the expert stream sees the steps of a request.
     let mut viewer = SseStream::open(addr, "GET", "/v1/experts/stream", None, IO_TIMEOUT).unwrap();
     assert_eq!(viewer.status, 200);
+    let cors = viewer.headers.iter().find(|(k, _)| k == "access-control-allow-origin");
+    assert_eq!(cors.map(|(_, v)| v.as_str()), Some("*"));
 
     // Non-streaming chat: the text of a single greedy run, with usage.
     let prompt = "What is the capital of France?";

@@ -475,9 +475,14 @@ async fn expert_stream(State(app): State<Shared>) -> Response {
             }
         },
     );
-    Sse::new(stream)
+    let mut r = Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
-        .into_response()
+        .into_response();
+    // The stream is read-only and public to whoever reaches the port, so a
+    // browser viewer served from another origin may attach too.
+    r.headers_mut()
+        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    r
 }
 
 /// Which endpoint a generation answers, for the shape of its responses.
