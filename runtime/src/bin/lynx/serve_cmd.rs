@@ -252,20 +252,22 @@ fn bench<E: Engine + Send + Sync + 'static>(
         "{:<8} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
         "experts", "clients", "requests", "req/s", "p50 s", "p99 s", "ttft p50", "tok/s", "experts"
     );
-    for policy in policies {
-        set_policy(policy)?;
-        let mut config = args.config(model_id.to_string(), policy)?;
-        config.addr = SocketAddr::new(args.host, 0);
-        // Every client's request must fit in the queue at once.
-        let most = args.bench.iter().copied().max().unwrap_or(1);
-        config.scheduler.max_queue = config.scheduler.max_queue.max(most);
-        let server =
-            Server::start(config, engine.clone(), tok.clone(), subscribe()).context("failed to start the server")?;
-        let addr = server.addr();
-        // A first request compiles the GPU pipelines outside the timing.
-        load::stream_completion(addr, &load::completion_body(0, 0, 2), timeout)
-            .map_err(|e| anyhow!("warm-up request: {e}"))?;
-        for &clients in &args.bench {
+    // Policies alternate within each client count, rather than one policy
+    // running all its rows first, so that a change in the machine's other
+    // load during the run does not fall on one policy alone.
+    for &clients in &args.bench {
+        for policy in policies {
+            set_policy(policy)?;
+            let mut config = args.config(model_id.to_string(), policy)?;
+            config.addr = SocketAddr::new(args.host, 0);
+            // Every client's request must fit in the queue at once.
+            config.scheduler.max_queue = config.scheduler.max_queue.max(clients);
+            let server = Server::start(config, engine.clone(), tok.clone(), subscribe())
+                .context("failed to start the server")?;
+            let addr = server.addr();
+            // A first request compiles the GPU pipelines outside the timing.
+            load::stream_completion(addr, &load::completion_body(0, 0, 2), timeout)
+                .map_err(|e| anyhow!("warm-up request: {e}"))?;
             let steps = subscribe();
             let spec = load::LoadSpec {
                 clients,
@@ -274,6 +276,7 @@ fn bench<E: Engine + Send + Sync + 'static>(
                 timeout,
             };
             let r = load::run(addr, &spec);
+            server.shutdown();
             if let Some(e) = r.errors.first() {
                 bail!(
                     "{} of {} requests failed at {clients} clients; first: {e}",
@@ -303,7 +306,6 @@ fn bench<E: Engine + Send + Sync + 'static>(
                 experts.map_or("-".into(), |e| format!("{e:.2}")),
             );
         }
-        server.shutdown();
     }
     println!(
         "latency: request sent to [DONE]; ttft: to the first content; experts: mean distinct experts per MoE layer per decode step"
