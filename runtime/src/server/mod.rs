@@ -98,8 +98,9 @@ pub struct ServerConfig {
     pub max_prompt_tokens: usize,
     /// The largest request body accepted, in bytes; larger is a 413.
     pub max_body_bytes: usize,
-    /// Time from arrival to the end of a request; a request still running
-    /// then ends with an error and frees its slot.
+    /// Time from a request's submission to the scheduler (its wait in the
+    /// queue included) to its end; a request still running then ends with
+    /// an error and frees its slot.
     pub request_timeout: Duration,
     /// Threads of the HTTP runtime. HTTP work is light next to the model,
     /// so two are plenty.
@@ -246,19 +247,7 @@ impl Server {
         let spawned = std::thread::Builder::new()
             .name("lynx-http-main".into())
             .spawn(move || {
-                let mut stop = shutdown_rx.clone();
-                let mut grace = shutdown_rx;
-                rt.block_on(async move {
-                let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                });
-                // Graceful shutdown waits for open connections; a client
-                // that keeps one open must not hold the process.
-                tokio::select! {
-                    _ = serve.into_future() => {}
-                    _ = async { let _ = grace.wait_for(|s| *s).await; tokio::time::sleep(SHUTDOWN_GRACE).await; } => {}
-                }
-            });
+                rt.block_on(serve_until_shutdown(listener, router, shutdown_rx));
                 // Forwarders of abandoned requests end when the loop lets go.
                 rt.shutdown_timeout(Duration::from_secs(1));
             });
@@ -321,6 +310,25 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Serves until the shutdown signal, then lets open connections finish for
+/// at most [`SHUTDOWN_GRACE`]: graceful shutdown alone would wait for every
+/// connection, and a client that keeps one open must not hold the process.
+async fn serve_until_shutdown(listener: tokio::net::TcpListener, router: Router, shutdown: watch::Receiver<bool>) {
+    let mut stop = shutdown.clone();
+    let mut grace = shutdown;
+    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    let deadline = async move {
+        let _ = grace.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        _ = serve.into_future() => {}
+        _ = deadline => {}
     }
 }
 
