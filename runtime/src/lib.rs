@@ -27,6 +27,9 @@ pub mod safetensors_dir;
 pub mod sampling;
 pub mod selection;
 pub mod serving;
+// The HTTP server needs sockets and threads, which the wasm32 build has not.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod server;
 /// The demo's static file server (`lynx web`): sockets and threads, native only.
 #[cfg(not(target_arch = "wasm32"))]
 pub mod static_site;

@@ -103,6 +103,15 @@ impl RequestHandle {
         self.events.try_recv()
     }
 
+    /// Splits the handle into its event receiver and its cancel guard, so
+    /// that one thread can block on the events while another (an async
+    /// HTTP response, say) decides when the client has gone: dropping the
+    /// guard alone cancels the request, and the receiver then sees the
+    /// channel close once the loop has let the request go.
+    pub fn into_parts(self) -> (Receiver<Event>, CancelGuard) {
+        (self.events, CancelGuard { _alive: self._alive })
+    }
+
     /// Waits for the request to end: its streamed text and the completion.
     pub fn wait(self) -> std::result::Result<(String, Completion), String> {
         let mut text = String::new();
@@ -116,6 +125,12 @@ impl RequestHandle {
             }
         }
     }
+}
+
+/// Keeps a request alive; dropping it cancels the request as dropping its
+/// [`RequestHandle`] does (see [`RequestHandle::into_parts`]).
+pub struct CancelGuard {
+    _alive: Arc<()>,
 }
 
 struct Pending {
@@ -289,6 +304,10 @@ impl Scheduler {
         if s.shutdown {
             return Err(SubmitError::ShuttingDown);
         }
+        // Requests whose clients left while they waited hold no place in
+        // the queue: a full queue of abandoned requests must not refuse a
+        // live one.
+        Self::drop_abandoned(s);
         if s.queue.len() >= self.config.max_queue {
             return Err(SubmitError::QueueFull(s.queue.len()));
         }
@@ -310,6 +329,15 @@ impl Scheduler {
             events: rx,
             _alive: alive,
         })
+    }
+
+    /// Removes queued requests whose clients went away, counting them as
+    /// cancelled; dropping them closes their event channels.
+    fn drop_abandoned(s: &mut Shared) {
+        let before = s.queue.len();
+        s.queue.retain(|p| p.alive.strong_count() > 0);
+        s.stats.cancelled += (before - s.queue.len()) as u64;
+        s.stats.queued = s.queue.len();
     }
 
     /// Asks [`Scheduler::run`] to finish: queued requests get an error, and
@@ -348,6 +376,7 @@ impl Scheduler {
                     s.stats.running = 0;
                     return;
                 }
+                Self::drop_abandoned(&mut s);
                 let room = self.config.max_batch.saturating_sub(running.len());
                 let n = room.min(s.queue.len());
                 let v: Vec<Pending> = s.queue.drain(..n).collect();
@@ -581,5 +610,29 @@ mod tests {
             sched.submit_batch(vec![(vec![1], ok)])[0],
             Err(SubmitError::ShuttingDown)
         ));
+    }
+
+    #[test]
+    fn abandoned_requests_give_up_their_queue_places() {
+        // No loop runs, so requests stay queued.
+        let s = Scheduler::new(SchedulerConfig {
+            max_batch: 1,
+            max_queue: 1,
+        })
+        .unwrap();
+        let a = s.submit(vec![1], GenerateOptions::default()).unwrap();
+        assert_eq!(
+            s.submit(vec![1], GenerateOptions::default()).err(),
+            Some(SubmitError::QueueFull(1))
+        );
+        // A client that keeps the events but drops the guard has gone too.
+        let (events, guard) = a.into_parts();
+        drop(guard);
+        let b = s.submit(vec![2], GenerateOptions::default()).unwrap();
+        let st = s.stats();
+        assert_eq!((st.queued, st.cancelled), (1, 1), "{st:?}");
+        // Dropping the abandoned request closed its channel.
+        assert!(matches!(events.try_recv(), Err(TryRecvError::Disconnected)));
+        drop(b);
     }
 }

@@ -25,6 +25,10 @@ use lynx::sampling::SamplingParams;
 use lynx::selection::ExpertPolicy;
 use lynx::{ChatMessage, Tokenizer};
 
+// In a folder of its own, so that cargo does not take it for a binary.
+#[path = "lynx/serve_cmd.rs"]
+mod serve_cmd;
+
 #[derive(Parser)]
 #[command(name = "lynx", version, about = "Lynx: portable MoE inference runtime")]
 struct Cli {
@@ -55,6 +59,10 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Serve the browser demo (built by `web/build.sh`) on 127.0.0.1.
     Web(web_cmd::WebArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat and text
+    /// completions, streamed or not, with continuous batching), or with
+    /// `--bench` measure that server under load.
+    Serve(serve_cmd::ServeArgs),
     /// Write a model as a GGUF file with its matrices quantised, so the next
     /// load is fast and small (llama and mixtral models).
     Quantize {
@@ -324,6 +332,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench_cmd(&args),
         Command::Eval(args) => eval_cmd::eval_cmd(&args),
         Command::Web(args) => web_cmd::web_cmd(&args),
+        Command::Serve(args) => serve_cmd::serve_cmd(&args),
     }
 }
 
