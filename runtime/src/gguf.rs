@@ -592,21 +592,25 @@ impl GgufFile {
     /// error messages.
     pub fn from_buffer(path: PathBuf, buf: Arc<Buffer>) -> Result<GgufFile> {
         match parse(buf.bytes()) {
-            Ok(p) => Ok(GgufFile {
-                index: p.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect(),
-                path,
-                version: p.version,
-                metadata: p.metadata,
-                tensors: p.tensors,
-                alignment: p.alignment,
-                data_start: p.data_start,
-                buf,
-            }),
+            Ok(p) => Ok(Self::from_parsed(path, p, buf)),
             Err(reason) => Err(Error::Format {
                 path,
                 format: FORMAT,
                 reason,
             }),
+        }
+    }
+
+    fn from_parsed(path: PathBuf, p: Parsed, buf: Arc<Buffer>) -> GgufFile {
+        GgufFile {
+            index: p.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect(),
+            path,
+            version: p.version,
+            metadata: p.metadata,
+            tensors: p.tensors,
+            alignment: p.alignment,
+            data_start: p.data_start,
+            buf,
         }
     }
 
@@ -619,16 +623,7 @@ impl GgufFile {
     pub fn from_header(path: PathBuf, prefix: &[u8], file_len: usize) -> Result<Option<GgufFile>> {
         match parse_prefix(prefix, file_len) {
             Ok(None) => Ok(None),
-            Ok(Some(p)) => Ok(Some(GgufFile {
-                index: p.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect(),
-                path,
-                version: p.version,
-                metadata: p.metadata,
-                tensors: p.tensors,
-                alignment: p.alignment,
-                data_start: p.data_start,
-                buf: Arc::new(Buffer::Deferred { len: file_len }),
-            })),
+            Ok(Some(p)) => Ok(Some(Self::from_parsed(path, p, Arc::new(Buffer::Deferred { len: file_len })))),
             Err(reason) => Err(Error::Format {
                 path,
                 format: FORMAT,
