@@ -623,7 +623,11 @@ impl GgufFile {
     pub fn from_header(path: PathBuf, prefix: &[u8], file_len: usize) -> Result<Option<GgufFile>> {
         match parse_prefix(prefix, file_len) {
             Ok(None) => Ok(None),
-            Ok(Some(p)) => Ok(Some(Self::from_parsed(path, p, Arc::new(Buffer::Deferred { len: file_len })))),
+            Ok(Some(p)) => Ok(Some(Self::from_parsed(
+                path,
+                p,
+                Arc::new(Buffer::Deferred { len: file_len }),
+            ))),
             Err(reason) => Err(Error::Format {
                 path,
                 format: FORMAT,
