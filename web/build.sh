@@ -30,7 +30,7 @@ cargo build -p lynx-web --target wasm32-unknown-unknown
 mkdir -p "$site/pkg"
 wasm-bindgen --target web --no-typescript --out-dir "$site/pkg" \
   target/wasm32-unknown-unknown/debug/lynx_web.wasm
-cp web/index.html web/app.js "$site/"
+cp web/index.html web/viewer.js web/lite.html web/lite.js "$site/"
 # A hard link when the site is on the same file system: the model is 75 MiB.
 model=models/lynx-moe-135m/lynx-moe-135m.Q4_0.gguf
 ln -f "$model" "$site/" 2>/dev/null || cp "$model" "$site/"

@@ -13,15 +13,19 @@
 //! and streams each request's new text as [`Event`]s on its own channel.
 //! Every request has its own sampling parameters, stop strings and token
 //! limit. The loop runs on the caller's thread ([`Scheduler::run`]); other
-//! threads submit with [`Scheduler::submit`].
+//! threads submit with [`Scheduler::submit`]. In a browser, where nothing
+//! may block, [`Scheduler::run_async`] runs the same iterations on the
+//! page's event loop, awaiting each forward pass.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError, channel};
 use std::sync::{Arc, Condvar, Mutex, Weak};
-use std::time::Instant;
+// `web_time::Instant` is `std::time::Instant` natively; std's panics in
+// the browser, where the loop runs too (`run_async`).
+use web_time::Instant;
 
 use crate::error::{Error, Result};
-use crate::generate::{Engine, FinishReason, GenerateOptions, TextStream};
+use crate::generate::{AsyncEngine, Engine, FinishReason, GenerateOptions, TextStream};
 use crate::model::Logits;
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
@@ -354,167 +358,206 @@ impl Scheduler {
     /// Runs the loop until [`Scheduler::shutdown`]. Engine errors fail the
     /// requests of the step that hit them, not the loop.
     pub fn run<E: Engine>(&self, engine: &E, tok: &Tokenizer) {
+        let engine = Blocking(engine);
         let mut running: Vec<Running<E::Seq>> = Vec::new();
+        while let Some(admitted) = self.admit(&mut running, true) {
+            // The engine is synchronous, so the step's future is ready as
+            // soon as it is polled: this blocks exactly as long as the step.
+            pollster::block_on(self.step(&engine, tok, &mut running, admitted));
+        }
+    }
+
+    /// [`Scheduler::run`] for a thread that must not block (a browser page):
+    /// the same iterations, awaiting each forward pass, and awaiting
+    /// `pause(busy)` after each iteration, so that the page can draw and
+    /// submit in between: `busy` says whether requests are running (pause
+    /// briefly) or nothing is left to do (wait longer; nothing else wakes an
+    /// idle loop). Returns after [`Scheduler::shutdown`].
+    pub async fn run_async<E: AsyncEngine, P: std::future::Future<Output = ()>>(
+        &self,
+        engine: &E,
+        tok: &Tokenizer,
+        mut pause: impl FnMut(bool) -> P,
+    ) {
+        let mut running: Vec<Running<E::Seq>> = Vec::new();
+        while let Some(admitted) = self.admit(&mut running, false) {
+            if !admitted.is_empty() || !running.is_empty() {
+                self.step(engine, tok, &mut running, admitted).await;
+            }
+            pause(!running.is_empty()).await;
+        }
+    }
+
+    /// Takes the queued requests that fit in the batch. With `block`, sleeps
+    /// while there is nothing to do; without, returns an empty list then.
+    /// `None` once the scheduler shuts down, after telling every queued and
+    /// running request.
+    fn admit<S>(&self, running: &mut Vec<Running<S>>, block: bool) -> Option<Vec<Pending>> {
+        let mut s = self.lock();
+        while block && !s.shutdown && s.queue.is_empty() && running.is_empty() {
+            s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if s.shutdown {
+            for p in s.queue.drain(..) {
+                let _ = p.events.send(Event::Error("the server is shutting down".into()));
+            }
+            for r in running.drain(..) {
+                let _ = r.events.send(Event::Error("the server is shutting down".into()));
+            }
+            s.stats.queued = 0;
+            s.stats.running = 0;
+            return None;
+        }
+        Self::drop_abandoned(&mut s);
+        let room = self.config.max_batch.saturating_sub(running.len());
+        let n = room.min(s.queue.len());
+        let v: Vec<Pending> = s.queue.drain(..n).collect();
+        s.stats.queued = s.queue.len();
+        Some(v)
+    }
+
+    /// One iteration after admission: drop cancelled requests, prefill the
+    /// newcomers together, then one decode step for everyone running.
+    async fn step<E: AsyncEngine>(
+        &self,
+        engine: &E,
+        tok: &Tokenizer,
+        running: &mut Vec<Running<E::Seq>>,
+        admitted: Vec<Pending>,
+    ) {
         let eos = tok.eos_token_ids();
         let limit = engine.config().max_position_embeddings;
         let vocab = engine.config().vocab_size;
-        loop {
-            // Admit, or sleep while there is nothing to do.
-            let admitted: Vec<Pending> = {
-                let mut s = self.lock();
-                while !s.shutdown && s.queue.is_empty() && running.is_empty() {
-                    s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
-                }
-                if s.shutdown {
-                    for p in s.queue.drain(..) {
-                        let _ = p.events.send(Event::Error("the server is shutting down".into()));
-                    }
-                    for r in running.drain(..) {
-                        let _ = r.events.send(Event::Error("the server is shutting down".into()));
-                    }
-                    s.stats.queued = 0;
-                    s.stats.running = 0;
-                    return;
-                }
-                Self::drop_abandoned(&mut s);
-                let room = self.config.max_batch.saturating_sub(running.len());
-                let n = room.min(s.queue.len());
-                let v: Vec<Pending> = s.queue.drain(..n).collect();
-                s.stats.queued = s.queue.len();
-                v
+        // Cancelled requests leave before any compute is spent on them;
+        // dropping a sequence frees its KV cache.
+        let before = running.len();
+        running.retain(|r| r.alive.strong_count() > 0);
+        let mut cancelled = (before - running.len()) as u64;
+
+        let mut failed = 0u64;
+        let mut fresh: Vec<Running<E::Seq>> = Vec::new();
+        let mut prompts: Vec<Vec<u32>> = Vec::new();
+        for p in admitted {
+            if p.alive.strong_count() == 0 {
+                cancelled += 1;
+                continue;
+            }
+            // Requests are validated against the model here, where its
+            // limits are known; a bad one fails alone.
+            let why = if p.prompt.len() >= limit {
+                Some(format!(
+                    "the prompt has {} tokens; the context holds {limit}",
+                    p.prompt.len()
+                ))
+            } else {
+                p.prompt
+                    .iter()
+                    .find(|&&id| id as usize >= vocab)
+                    .map(|id| format!("token id {id} is outside the vocabulary"))
             };
-
-            // Cancelled requests leave before any compute is spent on them;
-            // dropping a sequence frees its KV cache.
-            let before = running.len();
-            running.retain(|r| r.alive.strong_count() > 0);
-            let mut cancelled = (before - running.len()) as u64;
-
-            let mut failed = 0u64;
-            let mut fresh: Vec<Running<E::Seq>> = Vec::new();
-            let mut prompts: Vec<Vec<u32>> = Vec::new();
-            for p in admitted {
-                if p.alive.strong_count() == 0 {
-                    cancelled += 1;
-                    continue;
+            let sampler = Sampler::new(p.opts.sampling);
+            match (why, sampler) {
+                (None, Ok(sampler)) => {
+                    fresh.push(Running {
+                        id: p.id,
+                        seq: engine.new_sequence(),
+                        sampler,
+                        stream: TextStream::new(&p.opts.stop),
+                        opts: p.opts,
+                        events: p.events,
+                        alive: p.alive,
+                        prompt_tokens: p.prompt.len(),
+                        tokens: Vec::new(),
+                        last: [0],
+                        text: String::new(),
+                        submitted: p.submitted,
+                        first_token_s: 0.0,
+                    });
+                    prompts.push(p.prompt);
                 }
-                // Requests are validated against the model here, where its
-                // limits are known; a bad one fails alone.
-                let why = if p.prompt.len() >= limit {
-                    Some(format!(
-                        "the prompt has {} tokens; the context holds {limit}",
-                        p.prompt.len()
-                    ))
-                } else {
-                    p.prompt
-                        .iter()
-                        .find(|&&id| id as usize >= vocab)
-                        .map(|id| format!("token id {id} is outside the vocabulary"))
-                };
-                let sampler = Sampler::new(p.opts.sampling);
-                match (why, sampler) {
-                    (None, Ok(sampler)) => {
-                        fresh.push(Running {
-                            id: p.id,
-                            seq: engine.new_sequence(),
-                            sampler,
-                            stream: TextStream::new(&p.opts.stop),
-                            opts: p.opts,
-                            events: p.events,
-                            alive: p.alive,
-                            prompt_tokens: p.prompt.len(),
-                            tokens: Vec::new(),
-                            last: [0],
-                            text: String::new(),
-                            submitted: p.submitted,
-                            first_token_s: 0.0,
+                (Some(why), _) => {
+                    failed += 1;
+                    let _ = p.events.send(Event::Error(why));
+                }
+                (None, Err(e)) => {
+                    failed += 1;
+                    let _ = p.events.send(Event::Error(e.to_string()));
+                }
+            }
+        }
+
+        let mut ended = Ended::default();
+        // Prefill the newcomers together.
+        if !fresh.is_empty() {
+            let mut batch: Vec<(&mut E::Seq, &[u32])> = fresh
+                .iter_mut()
+                .zip(&prompts)
+                .map(|(r, p)| (&mut r.seq, p.as_slice()))
+                .collect();
+            match engine.forward_async(&mut batch, Logits::Last).await {
+                Ok(logits) => {
+                    for (r, row) in fresh.iter_mut().zip(&logits) {
+                        let _ = r.events.send(Event::Started {
+                            prompt_tokens: r.prompt_tokens,
                         });
-                        prompts.push(p.prompt);
+                        r.first_token_s = r.submitted.elapsed().as_secs_f64();
+                        let outcome = Self::advance(r, row, tok, &eos, limit);
+                        ended.record(r.id, &r.events, outcome);
                     }
-                    (Some(why), _) => {
-                        failed += 1;
-                        let _ = p.events.send(Event::Error(why));
-                    }
-                    (None, Err(e)) => {
-                        failed += 1;
-                        let _ = p.events.send(Event::Error(e.to_string()));
+                }
+                Err(e) => {
+                    for r in &fresh {
+                        let _ = r.events.send(Event::Error(format!("prefill failed: {e}")));
+                        ended.failed.push(r.id);
                     }
                 }
             }
+            running.extend(fresh);
+        }
+        running.retain(|r| !ended.contains(r.id));
 
-            let mut ended = Ended::default();
-            // Prefill the newcomers together.
-            if !fresh.is_empty() {
-                let mut batch: Vec<(&mut E::Seq, &[u32])> = fresh
-                    .iter_mut()
-                    .zip(&prompts)
-                    .map(|(r, p)| (&mut r.seq, p.as_slice()))
-                    .collect();
-                match engine.forward(&mut batch, Logits::Last) {
-                    Ok(logits) => {
-                        for (r, row) in fresh.iter_mut().zip(&logits) {
-                            let _ = r.events.send(Event::Started {
-                                prompt_tokens: r.prompt_tokens,
-                            });
-                            r.first_token_s = r.submitted.elapsed().as_secs_f64();
-                            let outcome = Self::advance(r, row, tok, &eos, limit);
-                            ended.record(r.id, &r.events, outcome);
-                        }
-                    }
-                    Err(e) => {
-                        for r in &fresh {
-                            let _ = r.events.send(Event::Error(format!("prefill failed: {e}")));
-                            ended.failed.push(r.id);
-                        }
+        // One decode step for everyone still running.
+        let mut step_tokens = 0;
+        let mut step_s = 0.0;
+        if !running.is_empty() {
+            let t0 = Instant::now();
+            let mut batch: Vec<(&mut E::Seq, &[u32])> =
+                running.iter_mut().map(|r| (&mut r.seq, r.last.as_slice())).collect();
+            match engine.forward_async(&mut batch, Logits::Last).await {
+                Ok(logits) => {
+                    step_s = t0.elapsed().as_secs_f64();
+                    step_tokens = running.len();
+                    for (r, row) in running.iter_mut().zip(&logits) {
+                        let outcome = Self::advance(r, row, tok, &eos, limit);
+                        ended.record(r.id, &r.events, outcome);
                     }
                 }
-                running.extend(fresh);
+                Err(e) => {
+                    for r in running.iter() {
+                        let _ = r.events.send(Event::Error(format!("decode failed: {e}")));
+                        ended.failed.push(r.id);
+                    }
+                }
             }
             running.retain(|r| !ended.contains(r.id));
+        }
 
-            // One decode step for everyone still running.
-            let mut step_tokens = 0;
-            let mut step_s = 0.0;
-            if !running.is_empty() {
-                let t0 = Instant::now();
-                let mut batch: Vec<(&mut E::Seq, &[u32])> =
-                    running.iter_mut().map(|r| (&mut r.seq, r.last.as_slice())).collect();
-                match engine.forward(&mut batch, Logits::Last) {
-                    Ok(logits) => {
-                        step_s = t0.elapsed().as_secs_f64();
-                        step_tokens = running.len();
-                        for (r, row) in running.iter_mut().zip(&logits) {
-                            let outcome = Self::advance(r, row, tok, &eos, limit);
-                            ended.record(r.id, &r.events, outcome);
-                        }
-                    }
-                    Err(e) => {
-                        for r in &running {
-                            let _ = r.events.send(Event::Error(format!("decode failed: {e}")));
-                            ended.failed.push(r.id);
-                        }
-                    }
-                }
-                running.retain(|r| !ended.contains(r.id));
-            }
-
-            let mut s = self.lock();
-            s.stats.running = running.len();
-            s.stats.cancelled += cancelled + ended.gone.len() as u64;
-            s.stats.failed += failed + ended.failed.len() as u64;
-            s.stats.completed += ended.finished.len() as u64;
-            if step_tokens > 0 {
-                s.stats.decode_steps += 1;
-                s.stats.generated_tokens += step_tokens as u64;
-                s.stats.last_step_tok_s = step_tokens as f64 / step_s.max(1e-9);
-            }
-            drop(s);
-            // Completions are sent only now that the stats count them, so that
-            // a client that has seen its `Done` never reads stale counters.
-            for (_, events, c) in ended.finished {
-                // A client that left right at the end has nothing to free.
-                let _ = events.send(Event::Done(c));
-            }
+        let mut s = self.lock();
+        s.stats.running = running.len();
+        s.stats.cancelled += cancelled + ended.gone.len() as u64;
+        s.stats.failed += failed + ended.failed.len() as u64;
+        s.stats.completed += ended.finished.len() as u64;
+        if step_tokens > 0 {
+            s.stats.decode_steps += 1;
+            s.stats.generated_tokens += step_tokens as u64;
+            s.stats.last_step_tok_s = step_tokens as f64 / step_s.max(1e-9);
+        }
+        drop(s);
+        // Completions are sent only now that the stats count them, so that
+        // a client that has seen its `Done` never reads stale counters.
+        for (_, events, c) in ended.finished {
+            // A client that left right at the end has nothing to free.
+            let _ = events.send(Event::Done(c));
         }
     }
 
@@ -571,6 +614,23 @@ impl Scheduler {
             first_token_s: r.first_token_s,
             total_s: r.submitted.elapsed().as_secs_f64(),
         })
+    }
+}
+
+/// A synchronous [`Engine`] seen as an [`AsyncEngine`] whose forward pass is
+/// done when it is first polled, so one loop body serves both.
+struct Blocking<'e, E>(&'e E);
+
+impl<E: Engine> AsyncEngine for Blocking<'_, E> {
+    type Seq = E::Seq;
+    fn config(&self) -> &crate::config::ModelConfig {
+        self.0.config()
+    }
+    fn new_sequence(&self) -> E::Seq {
+        self.0.new_sequence()
+    }
+    async fn forward_async(&self, batch: &mut [(&mut E::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
+        self.0.forward(batch, logits)
     }
 }
 

@@ -144,3 +144,48 @@ fn dropped_request_frees_its_slot_and_full_queue_refuses() {
         );
     });
 }
+
+/// The browser's loop (`run_async`, awaiting the GPU engine's async forward
+/// pass and pausing between iterations) gives the same tokens as blocking
+/// generation, and a request queued while others run joins the batch.
+#[test]
+fn async_loop_matches_blocking_generation() {
+    let Some((lm, gpu)) = smollm2() else { return };
+    let tok = lm.tokenizer.as_ref().unwrap();
+    let texts = ["The capital of France is", "Water boils at", "def add(a, b):"];
+    let opts = GenerateOptions {
+        max_new_tokens: 6,
+        stop_on_eos: false,
+        ..GenerateOptions::default()
+    };
+    let sched = Scheduler::new(SchedulerConfig {
+        max_batch: 4,
+        max_queue: 8,
+    })
+    .unwrap();
+    let mut handles: Vec<_> = texts[..2]
+        .iter()
+        .map(|t| sched.submit(tok.encode(t, true).unwrap(), opts.clone()).unwrap())
+        .collect();
+    let mut pauses = 0usize;
+    pollster::block_on(sched.run_async(&gpu, tok, |busy| {
+        pauses += 1;
+        // The third request arrives while the first two decode.
+        if pauses == 2 {
+            handles.push(sched.submit(tok.encode(texts[2], true).unwrap(), opts.clone()).unwrap());
+        }
+        if !busy || pauses > 100 {
+            sched.shutdown();
+        }
+        std::future::ready(())
+    }));
+    assert!(pauses <= 100, "the loop did not finish its requests");
+    assert_eq!(handles.len(), 3);
+    for (i, h) in handles.into_iter().enumerate() {
+        let (streamed, done) = h.wait().unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(streamed, done.text, "request {i}: streamed text");
+        let alone = generate(&gpu, tok, &tok.encode(texts[i], true).unwrap(), &opts, |_| {}).unwrap();
+        assert_eq!(done.tokens, alone.tokens, "request {i}: async loop vs alone");
+    }
+    assert_eq!(sched.stats().completed, 3);
+}

@@ -32,6 +32,8 @@ const PROMPTS: [&str; 3] = [
     "Write one sentence about the sea.",
 ];
 const MAX_NEW_TOKENS: usize = 12;
+/// Tokens per reply in the viewer page's scripted exchange.
+const VIEWER_TOKENS: usize = 8;
 
 fn chromium() -> PathBuf {
     std::env::var_os("LYNX_CHROMIUM")
@@ -53,7 +55,11 @@ fn runs(cmd: &str, arg: &str) -> bool {
 
 /// The same prompts the page makes: each a user message in the chat template.
 fn prompt_ids(tok: &Tokenizer) -> Vec<Vec<u32>> {
-    PROMPTS
+    chat_ids(tok, &PROMPTS)
+}
+
+fn chat_ids(tok: &Tokenizer, prompts: &[&str]) -> Vec<Vec<u32>> {
+    prompts
         .iter()
         .map(|q| {
             let text = tok.apply_chat_template(&[ChatMessage::user(*q)], true).unwrap();
@@ -64,15 +70,19 @@ fn prompt_ids(tok: &Tokenizer) -> Vec<Vec<u32>> {
 
 /// Greedy replies of `engine` to the prompts, as (text, tokens).
 fn reference<E: Engine>(engine: &E, tok: &Tokenizer) -> Vec<(String, Vec<u32>)> {
+    greedy(engine, tok, &PROMPTS, MAX_NEW_TOKENS)
+}
+
+fn greedy<E: Engine>(engine: &E, tok: &Tokenizer, prompts: &[&str], max_new_tokens: usize) -> Vec<(String, Vec<u32>)> {
     let opts = GenerateOptions {
-        max_new_tokens: MAX_NEW_TOKENS,
+        max_new_tokens,
         sampling: SamplingParams {
             temperature: 0.0,
             ..SamplingParams::default()
         },
         ..GenerateOptions::default()
     };
-    generate_batch(engine, tok, &prompt_ids(tok), &opts, |_, _| {})
+    generate_batch(engine, tok, &chat_ids(tok, prompts), &opts, |_, _| {})
         .unwrap()
         .into_iter()
         .map(|g| (g.text, g.tokens))
@@ -146,7 +156,7 @@ fn browse(
     let request = serde_json::json!({ "prompts": PROMPTS, "max_new_tokens": MAX_NEW_TOKENS });
     let mut cmd = Command::new("node");
     cmd.arg(web.join("e2e/e2e.mjs"))
-        .arg(format!("{base}?{query}"))
+        .arg(format!("{base}{query}"))
         .arg(request.to_string())
         .arg(shot)
         .arg(runs.to_string())
@@ -261,7 +271,7 @@ fn browser_demo_generates_what_the_native_runtime_does() {
     // The page as a visitor gets it: WebGPU when the browser offers it.
     // Two runs: the first compiles the pipelines, the second is warm.
     let shot = root.join("target/web-e2e.png");
-    let result = browse(&root, &base, "autoload", 2, &shot, None, false);
+    let result = browse(&root, &base, "lite.html?autoload", 2, &shot, None, false);
     let backend = &result["backend"];
     eprintln!("browser backend: {backend}");
     eprintln!("browser's own adapter view: {}", result["gpu"]);
@@ -291,7 +301,7 @@ fn browser_demo_generates_what_the_native_runtime_does() {
     // picker this time.
     let shot = root.join("target/web-e2e-cpu.png");
     let model_file = lynx::loader::demo_moe_gguf_path();
-    let result = browse(&root, &base, "", 1, &shot, Some(&model_file), true);
+    let result = browse(&root, &base, "lite.html", 1, &shot, Some(&model_file), true);
     assert_eq!(result["backend"]["kind"], "cpu");
     let why = result["backend"]["message"].as_str().unwrap_or_default();
     assert!(why.contains("WebGPU is not available in this browser"), "{why}");
@@ -301,9 +311,83 @@ fn browser_demo_generates_what_the_native_runtime_does() {
     check("CPU fallback page", &result, &loaded.model, &tok);
     eprintln!("screenshot: {}", shot.display());
 
+    // The viewer page: the desktop app's egui UI on a canvas (WebGL), its
+    // scripted exchange (three chat tabs sent together, on exact routing so
+    // that the replies can be compared), with the model on WebGPU.
+    let shot = root.join("target/web-e2e-viewer.png");
+    let _ = std::fs::remove_file(&shot);
+    let url = format!("{base}index.html?script=chat&max_tokens={VIEWER_TOKENS}&switch=0");
+    let out = Command::new("node")
+        .arg(web.join("e2e/viewer.mjs"))
+        .arg(&url)
+        .arg(&shot)
+        .current_dir(&web)
+        .output()
+        .expect("running node");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the viewer driver failed:\n{stderr}");
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "viewer driver output is not JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert!(
+        result["error"].is_null(),
+        "the viewer page reported: {}\n{stderr}",
+        result["error"]
+    );
+    let snap = &result["snapshot"];
+    let report: Vec<&str> = snap["script_report"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    eprintln!("viewer backend: {}", result["backend"]);
+    eprintln!("viewer script ({} s):\n  {}", result["seconds"], report.join("\n  "));
+    assert_eq!(snap["script_exit"], 0, "the viewer's script failed: {report:?}");
+    assert!(
+        snap["max_batch"].as_u64().unwrap() >= 3,
+        "the tabs did not decode as one batch: {snap}"
+    );
+    let got: Vec<&str> = snap["replies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["text"].as_str().unwrap())
+        .collect();
+    let prompts = lynx_viewer::script::CHAT_PROMPTS;
+    let want = if result["backend"]["kind"] == "webgpu" {
+        match lynx_tests::gpu_ctx() {
+            Some(ctx) => greedy(
+                &GpuModel::upload(ctx, &loaded.model, |_, _| {}).unwrap(),
+                &tok,
+                &prompts,
+                VIEWER_TOKENS,
+            ),
+            None => greedy(&loaded.model, &tok, &prompts, VIEWER_TOKENS),
+        }
+    } else {
+        greedy(&loaded.model, &tok, &prompts, VIEWER_TOKENS)
+    };
+    let want: Vec<&str> = want.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(got, want, "the viewer's replies differ from the native engine's");
+    let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("{}: {e}", shot.display()));
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "the viewer screenshot is not a real PNG"
+    );
+    eprintln!(
+        "viewer replies match the native engine: {want:?}; screenshot: {}",
+        shot.display()
+    );
+
     for f in [
         "index.html",
-        "app.js",
+        "viewer.js",
+        "lite.html",
+        "lite.js",
         "pkg/lynx_web.js",
         "pkg/lynx_web_bg.wasm",
         "lynx-moe-135m.Q4_0.gguf",

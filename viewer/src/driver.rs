@@ -2,17 +2,22 @@
 //!
 //! The UI never calls the runtime directly: it sends [`Command`]s and
 //! drains [`DriverEvent`]s once per frame. The native driver
-//! (`native::NativeDriver`) runs the serving loop on std threads; a browser
-//! build can implement [`Driver`] on top of WebGPU futures instead, and the
-//! tests implement it with a scripted fake. Nothing here blocks.
+//! (`native::NativeDriver`) runs the serving loop on std threads; the
+//! browser build (`lynx-web`'s `viewer` module) runs the same loop on the
+//! page's event loop over WebGPU futures; the tests implement it with a
+//! scripted fake. Nothing here blocks. The helpers at the end are shared by
+//! both real drivers.
 
 use std::sync::{Arc, Mutex};
 
-use lynx::ChatMessage;
+use anyhow::Context;
+use lynx::config::ModelConfig;
 use lynx::generate::{FinishReason, GenerateOptions};
 use lynx::metrics::StepMetrics;
 use lynx::selection::ExpertPolicy;
+use lynx::serving::Event;
 use lynx::serving::SchedulerStats;
+use lynx::{ChatMessage, Tokenizer};
 
 /// The UI's name for a request, chosen by the UI so that events can be
 /// matched to conversations before the scheduler has seen the request.
@@ -46,6 +51,10 @@ pub enum Command {
 /// The phases of loading a model, for the progress bar.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LoadPhase {
+    /// Receiving the file over the network or from a file picker (the
+    /// browser), `received` of `total` bytes; its weights go to the GPU as
+    /// they arrive.
+    Downloading { received: usize, total: usize },
     /// Parsing the file and its tokenizer (no finer progress is known).
     Reading,
     /// Opening the GPU adapter.
@@ -60,6 +69,7 @@ impl LoadPhase {
     /// take the first tenth of the bar.
     pub fn fraction(&self) -> f32 {
         match *self {
+            LoadPhase::Downloading { received, total } => received as f32 / total.max(1) as f32,
             LoadPhase::Reading => 0.02,
             LoadPhase::OpeningGpu => 0.08,
             LoadPhase::Uploading { done, total } => 0.1 + 0.9 * (done as f32 / total.max(1) as f32),
@@ -68,6 +78,11 @@ impl LoadPhase {
 
     pub fn describe(&self) -> String {
         match *self {
+            LoadPhase::Downloading { received, total } => format!(
+                "receiving and uploading: {:.1} of {:.1} MiB",
+                received as f64 / (1 << 20) as f64,
+                total as f64 / (1 << 20) as f64
+            ),
             LoadPhase::Reading => "reading the model file and tokenizer".into(),
             LoadPhase::OpeningGpu => "opening the GPU".into(),
             LoadPhase::Uploading { done, total } => format!("uploading weights: layer {done}/{total}"),
@@ -88,6 +103,31 @@ pub struct ModelInfo {
     /// The GPU adapter, as the runtime reports it.
     pub adapter: String,
     pub context_length: usize,
+}
+
+impl ModelInfo {
+    /// The UI's summary of a model that was loaded from `path` and runs on
+    /// `adapter`.
+    pub fn new(path: String, cfg: &ModelConfig, tokenizer: &Tokenizer, adapter: String) -> ModelInfo {
+        ModelInfo {
+            path,
+            description: match &cfg.moe {
+                Some(m) => format!(
+                    "{}, {} layers, {} experts top-{}",
+                    cfg.arch.name(),
+                    cfg.num_layers,
+                    m.num_experts,
+                    m.top_k
+                ),
+                None => format!("{}, {} layers, dense", cfg.arch.name(), cfg.num_layers),
+            },
+            num_layers: cfg.num_layers,
+            experts: cfg.moe.as_ref().map(|m| (m.num_experts, m.top_k)),
+            has_chat_template: tokenizer.chat_template().is_some(),
+            adapter,
+            context_length: cfg.max_position_embeddings,
+        }
+    }
 }
 
 /// How a request ended, as the UI shows it.
@@ -184,4 +224,33 @@ impl Driver for RecordingDriver {
     fn poll(&mut self) -> Vec<DriverEvent> {
         std::mem::take(&mut self.lock().queued)
     }
+}
+
+/// A serving-loop event of request `id`, as the UI's event.
+pub fn convert(id: RequestId, e: Event) -> DriverEvent {
+    match e {
+        Event::Started { prompt_tokens } => DriverEvent::Started { id, prompt_tokens },
+        Event::Text(delta) => DriverEvent::Text { id, delta },
+        Event::Done(c) => DriverEvent::Done {
+            id,
+            finished: Finished {
+                prompt_tokens: c.prompt_tokens,
+                generated_tokens: c.tokens.len(),
+                finish: c.finish,
+                first_token_s: c.first_token_s,
+                total_s: c.total_s,
+            },
+        },
+        Event::Error(error) => DriverEvent::Failed { id, error },
+    }
+}
+
+/// Renders `messages` with the model's chat template (ChatML when it has
+/// none) and tokenizes the result. The template writes the special tokens
+/// itself, so none are added again.
+pub fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
+    let text = tok
+        .apply_chat_template(messages, true)
+        .context("failed to apply the chat template")?;
+    tok.encode(&text, false).context("failed to tokenize the prompt")
 }

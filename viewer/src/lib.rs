@@ -72,6 +72,11 @@ impl ViewerApp {
         ctx.set_theme(egui::Theme::Dark);
     }
 
+    /// The running script's report so far (empty without a script).
+    pub fn script_report(&self) -> &[String] {
+        self.script.as_ref().map_or(&[], |s| s.report.as_slice())
+    }
+
     /// Drains the driver's events into the state.
     pub fn poll_driver(&mut self) {
         for e in self.driver.poll() {

@@ -19,12 +19,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
+use lynx::Tokenizer;
 use lynx::gpu::{GpuContext, GpuModel, GpuOptions};
 use lynx::metrics::StepMetrics;
 use lynx::serving::{Event, RequestHandle, Scheduler, SchedulerConfig};
-use lynx::{ChatMessage, Tokenizer};
 
-use crate::driver::{Command, Driver, DriverEvent, Finished, LoadPhase, ModelInfo, RequestId, Submission};
+use crate::driver::{Command, Driver, DriverEvent, LoadPhase, ModelInfo, RequestId, Submission, convert, encode_chat};
 
 /// How often at most the pump wakes the UI while events keep coming.
 const WAKE_INTERVAL: Duration = Duration::from_millis(100);
@@ -259,25 +259,7 @@ impl Pump {
         })
         .with_context(|| format!("failed to upload {} to the GPU", path.display()))?;
         let gpu = Arc::new(gpu);
-        let cfg = &gpu.config;
-        let info = ModelInfo {
-            path: path.display().to_string(),
-            description: match &cfg.moe {
-                Some(m) => format!(
-                    "{}, {} layers, {} experts top-{}",
-                    cfg.arch.name(),
-                    cfg.num_layers,
-                    m.num_experts,
-                    m.top_k
-                ),
-                None => format!("{}, {} layers, dense", cfg.arch.name(), cfg.num_layers),
-            },
-            num_layers: cfg.num_layers,
-            experts: cfg.moe.as_ref().map(|m| (m.num_experts, m.top_k)),
-            has_chat_template: tokenizer.chat_template().is_some(),
-            adapter,
-            context_length: cfg.max_position_embeddings,
-        };
+        let info = ModelInfo::new(path.display().to_string(), &gpu.config, &tokenizer, adapter);
         let metrics = gpu.subscribe();
         let scheduler = Arc::new(
             Scheduler::new(SchedulerConfig {
@@ -403,34 +385,6 @@ impl Drop for Pump {
             s.shutdown();
         }
     }
-}
-
-fn convert(id: RequestId, e: Event) -> DriverEvent {
-    match e {
-        Event::Started { prompt_tokens } => DriverEvent::Started { id, prompt_tokens },
-        Event::Text(delta) => DriverEvent::Text { id, delta },
-        Event::Done(c) => DriverEvent::Done {
-            id,
-            finished: Finished {
-                prompt_tokens: c.prompt_tokens,
-                generated_tokens: c.tokens.len(),
-                finish: c.finish,
-                first_token_s: c.first_token_s,
-                total_s: c.total_s,
-            },
-        },
-        Event::Error(error) => DriverEvent::Failed { id, error },
-    }
-}
-
-/// Renders `messages` with the model's chat template (ChatML when it has
-/// none) and tokenizes the result. The template writes the special tokens
-/// itself, so none are added again.
-fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
-    let text = tok
-        .apply_chat_template(messages, true)
-        .context("failed to apply the chat template")?;
-    tok.encode(&text, false).context("failed to tokenize the prompt")
 }
 
 fn read_document(path: &Path) -> anyhow::Result<String> {

@@ -77,6 +77,10 @@ pub struct Script {
     pub timeout_s: f64,
     /// How long to keep drawing after the last reply, for the last metrics.
     pub settle_s: f64,
+    /// Switch to Lynx halfway through decode. Off, the run stays on exact
+    /// routing throughout, so that its replies can be compared with a
+    /// plain greedy generation (the browser test does).
+    pub switch_to_lynx: bool,
     stage: Stage,
     started: Option<f64>,
     /// Why the run failed, once it has.
@@ -94,6 +98,7 @@ impl Script {
             max_tokens: max_tokens.max(1),
             timeout_s: 900.0,
             settle_s: 1.0,
+            switch_to_lynx: true,
             stage: Stage::WaitModel,
             started: None,
             failure: None,
@@ -142,7 +147,7 @@ impl Script {
                 }
             },
             Stage::Running { since, switched } => {
-                if !switched && state.metrics.decode_steps >= self.switch_after() {
+                if self.switch_to_lynx && !switched && state.metrics.decode_steps >= self.switch_after() {
                     state.policy.kind = PolicyKind::Lynx;
                     state.policy.lynx_auto = true;
                     state.sync_policy();
@@ -441,6 +446,31 @@ mod tests {
         let s = run_chat(3);
         assert_eq!(s.exit_code(), Some(0), "{:?}", s.report);
         assert!(s.report.iter().any(|l| l.contains("answer 2")), "{:?}", s.report);
+    }
+
+    #[test]
+    fn without_the_switch_the_script_stays_exact() {
+        let mut state = AppState::new();
+        let mut script = Script::new(ScriptKind::Chat, 4);
+        script.switch_to_lynx = false;
+        script.step(&mut state, 0.0);
+        state.apply(DriverEvent::Loaded(info()));
+        script.step(&mut state, 1.0);
+        state.outbox.clear();
+        for i in 0..6 {
+            state.apply(DriverEvent::Metrics(decode_step(3)));
+            script.step(&mut state, 1.1 + i as f64 * 0.1);
+        }
+        assert!(
+            !state.outbox.iter().any(|c| matches!(c, Command::SetPolicy(_))),
+            "{:?}",
+            state.outbox
+        );
+        assert!(
+            !script.report.iter().any(|l| l.contains("switched")),
+            "{:?}",
+            script.report
+        );
     }
 
     #[test]
