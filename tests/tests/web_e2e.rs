@@ -7,9 +7,13 @@
 //! (lavapipe) when the page ran on WebGPU, the CPU reference when it ran on
 //! the CPU. A second page, with `navigator.gpu` removed and the model given
 //! through the file picker, must fall back to the CPU by itself, say why,
-//! and match the CPU reference. Screenshots: `target/web-e2e.png` and
-//! `target/web-e2e-cpu.png`; the adapter and decode speeds are printed (run
-//! with `--nocapture`).
+//! and match the CPU reference. Those two runs use the light page
+//! (`lite.html`). Last, the viewer page (`index.html`, the desktop app's
+//! egui UI) runs its scripted exchange, three tabs decoded as one batch,
+//! and its replies are checked against the native engine's (equal, or
+//! parting late at a near tie; see below). Screenshots: `target/web-e2e.png`,
+//! `target/web-e2e-cpu.png` and `target/web-e2e-viewer.png`; the adapter
+//! and decode speeds are printed (run with `--nocapture`).
 //!
 //! Needs `chromium` (`apt-get install -y chromium`), node with
 //! `playwright-core` (`npm ci --prefix web`), the wasm32 target and
@@ -358,30 +362,48 @@ fn browser_demo_generates_what_the_native_runtime_does() {
         .map(|r| r["text"].as_str().unwrap())
         .collect();
     let prompts = lynx_viewer::script::CHAT_PROMPTS;
-    let want = if result["backend"]["kind"] == "webgpu" {
-        match lynx_tests::gpu_ctx() {
-            Some(ctx) => greedy(
-                &GpuModel::upload(ctx, &loaded.model, |_, _| {}).unwrap(),
-                &tok,
-                &prompts,
-                VIEWER_TOKENS,
-            ),
-            None => greedy(&loaded.model, &tok, &prompts, VIEWER_TOKENS),
-        }
-    } else {
-        greedy(&loaded.model, &tok, &prompts, VIEWER_TOKENS)
+    let native_gpu = (result["backend"]["kind"] == "webgpu")
+        .then(lynx_tests::gpu_ctx)
+        .flatten()
+        .map(|ctx| GpuModel::upload(ctx, &loaded.model, |_, _| {}).unwrap());
+    let want = match &native_gpu {
+        Some(gpu) => greedy(gpu, &tok, &prompts, VIEWER_TOKENS),
+        None => greedy(&loaded.model, &tok, &prompts, VIEWER_TOKENS),
     };
-    let want: Vec<&str> = want.iter().map(|(t, _)| t.as_str()).collect();
-    assert_eq!(got, want, "the viewer's replies differ from the native engine's");
+    let ids = chat_ids(&tok, &prompts);
+    for (i, (g, (wt, wi))) in got.iter().zip(&want).enumerate() {
+        if *g == wt.as_str() {
+            continue;
+        }
+        // SwiftShader has neither shader-f16 nor subgroups, so the browser
+        // runs the portable kernels, which round differently from
+        // lavapipe's; on this model's flat routers that can flip an expert
+        // and move a logit by tenths. A reply may part from the native one
+        // only after its first tokens, and only at a near tie of the native
+        // logits (measured: 0.30 at token 5 of one reply).
+        let gi = tok.encode(g, false).unwrap();
+        let why = match &native_gpu {
+            Some(gpu) => diagnose(gpu, &ids[i], wi, &gi),
+            None => diagnose(&loaded.model, &ids[i], wi, &gi),
+        };
+        let k = wi.iter().zip(&gi).take_while(|(a, b)| a == b).count();
+        let margin: f64 = why
+            .rsplit("margin ")
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(f64::INFINITY);
+        assert!(
+            k >= 3 && margin < 0.5,
+            "viewer reply {i}: the browser replied {g:?}, the native engine {wt:?}; {why}"
+        );
+        eprintln!("viewer reply {i} parts from the native one at a near tie: {why}");
+    }
     let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("{}: {e}", shot.display()));
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 10_000,
         "the viewer screenshot is not a real PNG"
     );
-    eprintln!(
-        "viewer replies match the native engine: {want:?}; screenshot: {}",
-        shot.display()
-    );
+    eprintln!("viewer replies {got:?}; screenshot: {}", shot.display());
 
     for f in [
         "index.html",

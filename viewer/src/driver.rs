@@ -15,8 +15,11 @@ use lynx::config::ModelConfig;
 use lynx::generate::{FinishReason, GenerateOptions};
 use lynx::metrics::StepMetrics;
 use lynx::selection::ExpertPolicy;
-use lynx::serving::Event;
+use std::collections::HashMap;
+use std::sync::mpsc::TryRecvError;
+
 use lynx::serving::SchedulerStats;
+use lynx::serving::{Event, RequestHandle};
 use lynx::{ChatMessage, Tokenizer};
 
 /// The UI's name for a request, chosen by the UI so that events can be
@@ -253,4 +256,50 @@ pub fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> anyhow::Result<
         .apply_chat_template(messages, true)
         .context("failed to apply the chat template")?;
     tok.encode(&text, false).context("failed to tokenize the prompt")
+}
+
+/// Appends every event the requests in `handles` produced since the last
+/// call to `out`, and forgets the requests that ended.
+pub fn drain_requests(handles: &mut HashMap<RequestId, RequestHandle>, out: &mut Vec<DriverEvent>) {
+    let mut ended = Vec::new();
+    for (&id, h) in handles.iter() {
+        loop {
+            match h.try_recv() {
+                Ok(e) => {
+                    let last = matches!(e, Event::Done(_) | Event::Error(_));
+                    out.push(convert(id, e));
+                    if last {
+                        ended.push(id);
+                        break;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    out.push(DriverEvent::Failed {
+                        id,
+                        error: "the serving loop stopped".into(),
+                    });
+                    ended.push(id);
+                    break;
+                }
+            }
+        }
+    }
+    for id in ended {
+        handles.remove(&id);
+    }
+}
+
+/// The text a request streamed before its model was replaced, then its
+/// failure: what the UI gets for each request of an unloaded model.
+pub fn replaced(id: RequestId, h: &RequestHandle, out: &mut Vec<DriverEvent>) {
+    while let Ok(e) = h.try_recv() {
+        if matches!(e, Event::Text(_) | Event::Started { .. }) {
+            out.push(convert(id, e));
+        }
+    }
+    out.push(DriverEvent::Failed {
+        id,
+        error: "the model was replaced".into(),
+    });
 }

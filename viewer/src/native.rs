@@ -22,9 +22,11 @@ use anyhow::{Context, anyhow};
 use lynx::Tokenizer;
 use lynx::gpu::{GpuContext, GpuModel, GpuOptions};
 use lynx::metrics::StepMetrics;
-use lynx::serving::{Event, RequestHandle, Scheduler, SchedulerConfig};
+use lynx::serving::{RequestHandle, Scheduler, SchedulerConfig};
 
-use crate::driver::{Command, Driver, DriverEvent, LoadPhase, ModelInfo, RequestId, Submission, convert, encode_chat};
+use crate::driver::{
+    Command, Driver, DriverEvent, LoadPhase, ModelInfo, RequestId, Submission, drain_requests, encode_chat, replaced,
+};
 
 /// How often at most the pump wakes the UI while events keep coming.
 const WAKE_INTERVAL: Duration = Duration::from_millis(100);
@@ -211,13 +213,12 @@ impl Pump {
         // The old model's requests end with an error as its scheduler stops.
         if let Some(mut old) = self.session.take() {
             old.shutdown();
-            let handles: Vec<(RequestId, RequestHandle)> = old.handles.drain().collect();
-            for (id, h) in handles {
-                self.drain_handle(id, &h);
-                self.emit(DriverEvent::Failed {
-                    id,
-                    error: "the model was replaced".into(),
-                });
+            let mut out = Vec::new();
+            for (id, h) in old.handles.drain() {
+                replaced(id, &h, &mut out);
+            }
+            for e in out {
+                self.emit(e);
             }
         }
         let r = self.load_session(path);
@@ -331,33 +332,7 @@ impl Pump {
     fn forward(&mut self) {
         let Some(s) = &mut self.session else { return };
         let mut out = Vec::new();
-        let mut ended = Vec::new();
-        for (&id, h) in &s.handles {
-            loop {
-                match h.try_recv() {
-                    Ok(e) => {
-                        let last = matches!(e, Event::Done(_) | Event::Error(_));
-                        out.push(convert(id, e));
-                        if last {
-                            ended.push(id);
-                            break;
-                        }
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        out.push(DriverEvent::Failed {
-                            id,
-                            error: "the scheduler stopped".into(),
-                        });
-                        ended.push(id);
-                        break;
-                    }
-                }
-            }
-        }
-        for id in ended {
-            s.handles.remove(&id);
-        }
+        drain_requests(&mut s.handles, &mut out);
         out.extend(s.metrics.try_iter().map(DriverEvent::Metrics));
         let stats = s.scheduler.stats();
         if self.last_stats != Some(stats) {
@@ -366,15 +341,6 @@ impl Pump {
         }
         for e in out {
             self.emit(e);
-        }
-    }
-
-    /// Forwards the events a request sent before its session went away.
-    fn drain_handle(&mut self, id: RequestId, h: &RequestHandle) {
-        while let Ok(e) = h.try_recv() {
-            if matches!(e, Event::Text(_) | Event::Started { .. }) {
-                self.emit(convert(id, e));
-            }
         }
     }
 }

@@ -14,14 +14,14 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::Receiver;
 
 use eframe::egui;
 use lynx::metrics::StepMetrics;
-use lynx::serving::{Event, RequestHandle, Scheduler, SchedulerConfig, SchedulerStats};
+use lynx::serving::{RequestHandle, Scheduler, SchedulerConfig, SchedulerStats};
 use lynx_viewer::ViewerApp;
 use lynx_viewer::driver::{
-    Command, Driver, DriverEvent, LoadPhase, ModelInfo, RequestId, Submission, convert, encode_chat,
+    Command, Driver, DriverEvent, LoadPhase, ModelInfo, RequestId, Submission, drain_requests, encode_chat, replaced,
 };
 use lynx_viewer::script::{Script, ScriptKind};
 use serde::Serialize;
@@ -97,16 +97,12 @@ impl WebDriver {
         let old = self.inner.borrow_mut().session.take();
         if let Some(mut s) = old {
             s.shutdown();
+            let mut out = Vec::new();
             for (id, h) in s.handles.drain() {
-                while let Ok(e) = h.try_recv() {
-                    if matches!(e, Event::Text(_) | Event::Started { .. }) {
-                        self.emit(convert(id, e));
-                    }
-                }
-                self.emit(DriverEvent::Failed {
-                    id,
-                    error: "the model was replaced".into(),
-                });
+                replaced(id, &h, &mut out);
+            }
+            for e in out {
+                self.emit(e);
             }
         }
     }
@@ -262,33 +258,7 @@ impl WebDriver {
             let mut inner = self.inner.borrow_mut();
             let inner = &mut *inner;
             let Some(s) = &mut inner.session else { return };
-            let mut ended = Vec::new();
-            for (&id, h) in &s.handles {
-                loop {
-                    match h.try_recv() {
-                        Ok(e) => {
-                            let last = matches!(e, Event::Done(_) | Event::Error(_));
-                            out.push(convert(id, e));
-                            if last {
-                                ended.push(id);
-                                break;
-                            }
-                        }
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
-                            out.push(DriverEvent::Failed {
-                                id,
-                                error: "the serving loop stopped".into(),
-                            });
-                            ended.push(id);
-                            break;
-                        }
-                    }
-                }
-            }
-            for id in ended {
-                s.handles.remove(&id);
-            }
+            drain_requests(&mut s.handles, &mut out);
             if let Some(m) = &s.metrics {
                 out.extend(m.try_iter().map(DriverEvent::Metrics));
             }
