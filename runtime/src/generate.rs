@@ -153,14 +153,10 @@ pub fn generate_batch<E: Engine>(
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
-    mut on_text: impl FnMut(usize, &str),
+    on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Generation>> {
-    let mut g = BatchGeneration::new(model.config(), tok, prompts, opts, || model.new_sequence())?;
-    while let Some(mut batch) = g.next_batch() {
-        let logits = model.forward(&mut batch, Logits::Last)?;
-        g.accept(logits, &mut on_text)?;
-    }
-    Ok(g.finish())
+    // The engine is synchronous, so each awaited pass is done when polled.
+    pollster::block_on(generate_batch_async(&Blocking(model), tok, prompts, opts, on_text))
 }
 
 /// A forward pass that can wait without blocking: the GPU engine in the
@@ -200,6 +196,23 @@ impl AsyncEngine for crate::gpu::GpuModel {
     }
     async fn forward_async(&self, batch: &mut [(&mut Self::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
         crate::gpu::GpuModel::forward_async(self, batch, logits).await
+    }
+}
+
+/// A synchronous [`Engine`] seen as an [`AsyncEngine`] whose forward pass is
+/// done when it is first polled, so one loop body serves both (`generate_batch`, `Scheduler::run`).
+pub(crate) struct Blocking<'e, E>(pub(crate) &'e E);
+
+impl<E: Engine> AsyncEngine for Blocking<'_, E> {
+    type Seq = E::Seq;
+    fn config(&self) -> &ModelConfig {
+        self.0.config()
+    }
+    fn new_sequence(&self) -> E::Seq {
+        self.0.new_sequence()
+    }
+    async fn forward_async(&self, batch: &mut [(&mut E::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
+        self.0.forward(batch, logits)
     }
 }
 

@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use web_time::Instant;
 
 use crate::error::{Error, Result};
-use crate::generate::{AsyncEngine, Engine, FinishReason, GenerateOptions, TextStream};
+use crate::generate::{AsyncEngine, Blocking, Engine, FinishReason, GenerateOptions, TextStream};
 use crate::model::Logits;
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
@@ -614,23 +614,6 @@ impl Scheduler {
             first_token_s: r.first_token_s,
             total_s: r.submitted.elapsed().as_secs_f64(),
         })
-    }
-}
-
-/// A synchronous [`Engine`] seen as an [`AsyncEngine`] whose forward pass is
-/// done when it is first polled, so one loop body serves both.
-struct Blocking<'e, E>(&'e E);
-
-impl<E: Engine> AsyncEngine for Blocking<'_, E> {
-    type Seq = E::Seq;
-    fn config(&self) -> &crate::config::ModelConfig {
-        self.0.config()
-    }
-    fn new_sequence(&self) -> E::Seq {
-        self.0.new_sequence()
-    }
-    async fn forward_async(&self, batch: &mut [(&mut E::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
-        self.0.forward(batch, logits)
     }
 }
 

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::mpsc::TryRecvError;
 
 use lynx::serving::SchedulerStats;
-use lynx::serving::{Event, RequestHandle};
+use lynx::serving::{Event, RequestHandle, Scheduler};
 use lynx::{ChatMessage, Tokenizer};
 
 /// The UI's name for a request, chosen by the UI so that events can be
@@ -302,4 +302,43 @@ pub fn replaced(id: RequestId, h: &RequestHandle, out: &mut Vec<DriverEvent>) {
         id,
         error: "the model was replaced".into(),
     });
+}
+
+/// Queues `batch` on `scheduler` and records each request's handle in
+/// `handles`; a request that cannot be tokenized or queued gets a `Failed`
+/// event in `out`. Every prompt is tokenized first and then all are queued
+/// in one `submit_batch`, so that the loop admits them in the same
+/// iteration: they are prefilled together and decode as one batch.
+pub fn submit_all(
+    scheduler: &Scheduler,
+    tok: &Tokenizer,
+    batch: Vec<Submission>,
+    handles: &mut HashMap<RequestId, RequestHandle>,
+    out: &mut Vec<DriverEvent>,
+) {
+    let mut prompts = Vec::with_capacity(batch.len());
+    let mut ids = Vec::with_capacity(batch.len());
+    for sub in batch {
+        match encode_chat(tok, &sub.messages) {
+            Ok(p) => {
+                ids.push(sub.id);
+                prompts.push((p, sub.options));
+            }
+            Err(error) => out.push(DriverEvent::Failed {
+                id: sub.id,
+                error: format!("{error:#}"),
+            }),
+        }
+    }
+    for (id, r) in ids.into_iter().zip(scheduler.submit_batch(prompts)) {
+        match r {
+            Ok(h) => {
+                handles.insert(id, h);
+            }
+            Err(e) => out.push(DriverEvent::Failed {
+                id,
+                error: e.to_string(),
+            }),
+        }
+    }
 }

@@ -25,7 +25,7 @@ use lynx::metrics::StepMetrics;
 use lynx::serving::{RequestHandle, Scheduler, SchedulerConfig};
 
 use crate::driver::{
-    Command, Driver, DriverEvent, LoadPhase, ModelInfo, RequestId, Submission, drain_requests, encode_chat, replaced,
+    Command, Driver, DriverEvent, LoadPhase, ModelInfo, RequestId, Submission, drain_requests, replaced, submit_all,
 };
 
 /// How often at most the pump wakes the UI while events keep coming.
@@ -289,42 +289,16 @@ impl Pump {
     }
 
     fn submit(&mut self, batch: Vec<Submission>) {
-        let Some(s) = &self.session else {
-            for sub in batch {
-                self.emit(DriverEvent::Failed {
-                    id: sub.id,
-                    error: "no model is loaded".into(),
-                });
-            }
-            return;
-        };
-        // Every prompt is tokenized first and then all are queued under one
-        // lock, so that the scheduler admits them in the same iteration: they
-        // are prefilled together and decode as one batch.
-        let mut prompts = Vec::with_capacity(batch.len());
-        let mut failures = Vec::new();
-        for sub in batch {
-            match encode_chat(&s.tokenizer, &sub.messages) {
-                Ok(ids) => prompts.push((sub, ids)),
-                Err(e) => failures.push((sub.id, format!("{e:#}"))),
-            }
+        let mut out = Vec::new();
+        match &mut self.session {
+            Some(s) => submit_all(&s.scheduler, &s.tokenizer, batch, &mut s.handles, &mut out),
+            None => out.extend(batch.into_iter().map(|sub| DriverEvent::Failed {
+                id: sub.id,
+                error: "no model is loaded".into(),
+            })),
         }
-        let ids: Vec<RequestId> = prompts.iter().map(|(sub, _)| sub.id).collect();
-        let results = s
-            .scheduler
-            .submit_batch(prompts.into_iter().map(|(sub, p)| (p, sub.options)).collect());
-        let mut handles = Vec::with_capacity(results.len());
-        for (id, r) in ids.into_iter().zip(results) {
-            match r {
-                Ok(h) => handles.push((id, h)),
-                Err(e) => failures.push((id, e.to_string())),
-            }
-        }
-        if let Some(s) = &mut self.session {
-            s.handles.extend(handles);
-        }
-        for (id, error) in failures {
-            self.emit(DriverEvent::Failed { id, error });
+        for e in out {
+            self.emit(e);
         }
     }
 

@@ -14,10 +14,7 @@
 // browser's own view of its WebGPU adapter, and one generation report per
 // run. Browser console lines go to stderr.
 
-import { chromium } from "playwright-core";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { launchChromium } from "./chromium.mjs";
 
 const [url, requestJson, screenshot, runsArg, modelFile] = process.argv.slice(2);
 const runs = Number(runsArg || 1);
@@ -26,24 +23,7 @@ if (!url || !requestJson || !screenshot) {
   process.exit(2);
 }
 const request = JSON.parse(requestJson);
-const executablePath = process.env.LYNX_CHROMIUM || "/usr/lib/chromium/chromium";
-const profile = mkdtempSync(join(tmpdir(), "lynx-chromium-"));
-
-// The flags FACTS.md found to give headless Chromium a WebGPU adapter here
-// (SwiftShader, on the CPU), plus a private profile and no background
-// traffic. LYNX_CHROMIUM_FLAGS adds more (e.g. to try Vulkan).
-const args = [
-  "--no-sandbox",
-  "--disable-quic",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-  "--no-first-run",
-  "--enable-unsafe-webgpu",
-  ...(process.env.LYNX_CHROMIUM_FLAGS ? process.env.LYNX_CHROMIUM_FLAGS.split(" ") : []),
-];
-
-const browser = await chromium.launchPersistentContext(profile, { executablePath, headless: true, args });
+const { browser, close } = await launchChromium();
 let exit = 0;
 try {
   const page = browser.pages()[0] || (await browser.newPage());
@@ -112,7 +92,6 @@ try {
   console.error(`e2e driver: ${e.stack || e}`);
   exit = 1;
 } finally {
-  await browser.close();
-  rmSync(profile, { recursive: true, force: true });
+  await close();
 }
 process.exit(exit);

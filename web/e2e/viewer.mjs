@@ -8,32 +8,16 @@
 // the script has finished (window.lynxViewer's snapshot has `script_exit`),
 // takes a screenshot of the page, and prints one JSON object on stdout:
 // `{ error, backend, snapshot, seconds }`. Browser console lines go to
-// stderr. Started with the same flags as e2e.mjs.
+// stderr. Chromium starts as chromium.mjs says.
 
-import { chromium } from "playwright-core";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { launchChromium } from "./chromium.mjs";
 
 const [url, screenshot] = process.argv.slice(2);
 if (!url || !screenshot) {
   console.error("usage: node viewer.mjs <page url> <screenshot.png>");
   process.exit(2);
 }
-const executablePath = process.env.LYNX_CHROMIUM || "/usr/lib/chromium/chromium";
-const profile = mkdtempSync(join(tmpdir(), "lynx-chromium-"));
-const args = [
-  "--no-sandbox",
-  "--disable-quic",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-  "--no-first-run",
-  "--enable-unsafe-webgpu",
-  ...(process.env.LYNX_CHROMIUM_FLAGS ? process.env.LYNX_CHROMIUM_FLAGS.split(" ") : []),
-];
-
-const browser = await chromium.launchPersistentContext(profile, { executablePath, headless: true, args });
+const { browser, close } = await launchChromium();
 let exit = 0;
 try {
   const page = browser.pages()[0] || (await browser.newPage());
@@ -77,7 +61,6 @@ try {
   console.error(`viewer driver: ${e.stack || e}`);
   exit = 1;
 } finally {
-  await browser.close();
-  rmSync(profile, { recursive: true, force: true });
+  await close();
 }
 process.exit(exit);

@@ -158,7 +158,8 @@ impl Demo {
                         let _ = on_step.call1(&JsValue::NULL, &JsValue::from_str(&json));
                     }
                 },
-                next_task,
+                // The next task of the event loop, so the page repaints between steps.
+                || sleep_ms(0),
             )
             .await
             .map_err(js_err)?;
@@ -304,11 +305,6 @@ pub(crate) async fn sleep_ms(ms: i32) {
         }
     });
     let _ = JsFuture::from(promise).await;
-}
-
-/// The next task of the event loop, between generation steps.
-async fn next_task() {
-    sleep_ms(0).await
 }
 
 pub(crate) fn describe(e: &JsValue) -> String {

@@ -21,7 +21,7 @@ use lynx::metrics::StepMetrics;
 use lynx::serving::{RequestHandle, Scheduler, SchedulerConfig, SchedulerStats};
 use lynx_viewer::ViewerApp;
 use lynx_viewer::driver::{
-    Command, Driver, DriverEvent, LoadPhase, ModelInfo, RequestId, Submission, drain_requests, encode_chat, replaced,
+    Command, Driver, DriverEvent, LoadPhase, ModelInfo, RequestId, Submission, drain_requests, replaced, submit_all,
 };
 use lynx_viewer::script::{Script, ScriptKind};
 use serde::Serialize;
@@ -184,43 +184,16 @@ impl WebDriver {
     }
 
     fn submit(&self, batch: Vec<Submission>) {
-        let mut failures = Vec::new();
-        {
-            let mut inner = self.inner.borrow_mut();
-            let Some(s) = &mut inner.session else {
-                drop(inner);
-                for sub in batch {
-                    self.emit(DriverEvent::Failed {
-                        id: sub.id,
-                        error: "no model is loaded".into(),
-                    });
-                }
-                return;
-            };
-            // All prompts go in under one call, so the loop admits them in
-            // the same iteration: they are prefilled and decode together.
-            let mut prompts = Vec::with_capacity(batch.len());
-            for sub in batch {
-                match encode_chat(&s.loaded.tokenizer, &sub.messages) {
-                    Ok(ids) => prompts.push((sub, ids)),
-                    Err(e) => failures.push((sub.id, format!("{e:#}"))),
-                }
-            }
-            let ids: Vec<RequestId> = prompts.iter().map(|(sub, _)| sub.id).collect();
-            let results = s
-                .scheduler
-                .submit_batch(prompts.into_iter().map(|(sub, p)| (p, sub.options)).collect());
-            for (id, r) in ids.into_iter().zip(results) {
-                match r {
-                    Ok(h) => {
-                        s.handles.insert(id, h);
-                    }
-                    Err(e) => failures.push((id, e.to_string())),
-                }
-            }
+        let mut out = Vec::new();
+        match &mut self.inner.borrow_mut().session {
+            Some(s) => submit_all(&s.scheduler, &s.loaded.tokenizer, batch, &mut s.handles, &mut out),
+            None => out.extend(batch.into_iter().map(|sub| DriverEvent::Failed {
+                id: sub.id,
+                error: "no model is loaded".into(),
+            })),
         }
-        for (id, error) in failures {
-            self.emit(DriverEvent::Failed { id, error });
+        for e in out {
+            self.emit(e);
         }
     }
 
