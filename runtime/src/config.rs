@@ -7,6 +7,10 @@
 pub enum Arch {
     /// Dense Llama (e.g. SmolLM2).
     Llama,
+    /// Dense Qwen2 / Qwen2.5: Llama with q/k/v biases.
+    Qwen2,
+    /// Dense Qwen3: Llama with per-head q/k RMSNorm.
+    Qwen3,
     Mixtral,
     Olmoe,
     Qwen2Moe,
@@ -14,11 +18,13 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub const SUPPORTED: &'static str = "llama, mixtral, olmoe, qwen2_moe, qwen3_moe";
+    pub const SUPPORTED: &'static str = "llama, qwen2, qwen3, mixtral, olmoe, qwen2_moe, qwen3_moe";
 
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
             Arch::Mixtral => "mixtral",
             Arch::Olmoe => "olmoe",
             Arch::Qwen2Moe => "qwen2_moe",

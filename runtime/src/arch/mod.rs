@@ -13,7 +13,9 @@ mod gguf_names;
 mod llama;
 mod mixtral;
 mod olmoe;
+mod qwen2;
 mod qwen2_moe;
+mod qwen3;
 mod qwen3_moe;
 
 use std::path::{Path, PathBuf};
@@ -186,6 +188,8 @@ pub fn config_from_hf(path: &Path) -> Result<ModelConfig> {
     };
     match model_type {
         "llama" => llama::config(&c),
+        "qwen2" => qwen2::config(&c),
+        "qwen3" => qwen3::config(&c),
         "mixtral" => mixtral::config(&c),
         "olmoe" => olmoe::config(&c),
         "qwen2_moe" => qwen2_moe::config(&c),
