@@ -7,7 +7,8 @@
 
 const W_BLOCK_BYTES: u32 = 20u;
 
-fn w_block(o: u32) -> array<vec4<f32>, 8> {
+fn w_block(row: u32, b: u32) -> array<vec4<f32>, 8> {
+    let o = row + b * W_BLOCK_BYTES;
     let base = o >> 2u;
     let dm = unpack2x16float(w[base]);
     var out: array<vec4<f32>, 8>;

@@ -7,7 +7,8 @@
 
 const W_BLOCK_BYTES: u32 = 34u;
 
-fn w_block(o: u32) -> array<vec4<f32>, 8> {
+fn w_block(row: u32, b: u32) -> array<vec4<f32>, 8> {
+    let o = row + b * W_BLOCK_BYTES;
     let d = w_f16(o);
     let q = o + 2u;
     let base = q >> 2u;

@@ -3,7 +3,8 @@
 // Purpose: every linear layer, as GEMV (decode, T = 1..64) and GEMM (prefill,
 // T up to hundreds). "wq" = the weight format is chosen when the pipeline is
 // built: the host prepends dequant_common.wgsl and one dequant_<format>.wgsl
-// (f32, q8_0, q4_0, q4_1), which define W_BLOCK_BYTES, w_block and w_value,
+// (f32, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k), which
+// define w_block(row, b) (32-value block b of a row) and w_value,
 // and one of matmul_x_storage.wgsl / matmul_x_uniform.wgsl, which declare
 // binding 2 (x) and its reader `x4(i)` (the i-th vec4 of x).
 // Weights are dequantised in registers, one 32-value block at a time, and the
@@ -106,7 +107,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     // of other lengths (f32 weights only) go through the scalar tail loop.
     let nb = select(0u, p.c / 32u, p.c % 4u == 0u);
     for (var b = 0u; b < nb; b++) {
-        let wb = w_block(row + b * W_BLOCK_BYTES);
+        let wb = w_block(row, b);
         let xb = b * 32u;
         a0 += block_dot(wb, (x0 + xb) >> 2u);
         if TILE_T > 1u {

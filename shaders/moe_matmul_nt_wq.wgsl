@@ -114,7 +114,7 @@ fn tile(e: u32, first: u32, count: u32, t0: u32, r: u32) {
     // lengths (f32 weights only) go through the scalar tail loop.
     let nb = select(0u, p.c / 32u, p.c % 4u == 0u);
     for (var b = 0u; b < nb; b++) {
-        let wb = w_block(row + b * W_BLOCK_BYTES);
+        let wb = w_block(row, b);
         let xb = b * 32u;
         a0 += block_dot(wb, (x0 + xb) >> 2u);
         if TILE_T > 1u {

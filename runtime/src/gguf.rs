@@ -495,7 +495,14 @@ pub fn ggml_type_id(dtype: DType) -> u32 {
         DType::F16 => 1,
         DType::Q4_0 => 2,
         DType::Q4_1 => 3,
+        DType::Q5_0 => 6,
+        DType::Q5_1 => 7,
         DType::Q8_0 => 8,
+        DType::Q2_K => 10,
+        DType::Q3_K => 11,
+        DType::Q4_K => 12,
+        DType::Q5_K => 13,
+        DType::Q6_K => 14,
         DType::BF16 => 30,
     }
 }
@@ -508,7 +515,14 @@ pub fn dtype_from_ggml(id: u32) -> Option<DType> {
         1 => DType::F16,
         2 => DType::Q4_0,
         3 => DType::Q4_1,
+        6 => DType::Q5_0,
+        7 => DType::Q5_1,
         8 => DType::Q8_0,
+        10 => DType::Q2_K,
+        11 => DType::Q3_K,
+        12 => DType::Q4_K,
+        13 => DType::Q5_K,
+        14 => DType::Q6_K,
         30 => DType::BF16,
         _ => return None,
     })
@@ -1564,14 +1578,7 @@ pub(crate) mod tests {
 
     #[test]
     fn ggml_table_agrees_with_dtype_layouts() {
-        for dt in [
-            DType::F32,
-            DType::F16,
-            DType::BF16,
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q4_1,
-        ] {
+        for dt in DType::ALL {
             let id = ggml_type_id(dt);
             assert_eq!(dtype_from_ggml(id), Some(dt));
             let (name, bv, bb) = ggml_type_entry(id).unwrap();
@@ -1698,6 +1705,13 @@ pub(crate) mod tests {
         assert!(format_reason(parse_bytes(one_tensor_file(&[1, 1, 1, 1, 1], 0, 0, 4))).contains("dimensions"));
         // Quantised last dimension not a multiple of the block size.
         assert!(format_reason(parse_bytes(one_tensor_file(&[33], 8, 0, 64))).contains("block size"));
+        // A K-quant (Q4_K, id 12) row of 32 values is not a whole super-block
+        // of 256; the error names the tensor.
+        let r = format_reason(parse_bytes(one_tensor_file(&[32, 8], 12, 0, 144)));
+        assert!(r.contains("tensor `w`") && r.contains("Q4_K block size 256"), "{r}");
+        // 256 values of Q4_K load as one super-block.
+        let g = parse_bytes(one_tensor_file(&[256], 12, 0, 144)).unwrap();
+        assert_eq!(g.tensor("w").unwrap().dtype, DType::Q4_K);
         // Absurd dimensions overflow nothing and allocate nothing.
         assert!(format_reason(parse_bytes(one_tensor_file(&[u64::MAX, 4], 0, 0, 4))).contains("too large"));
 

@@ -127,13 +127,8 @@ impl GpuExperts {
     }
 
     fn dequant_shader(&self) -> Result<&'static str> {
-        match self.dtype {
-            DType::F32 => Ok("dequant_f32.wgsl"),
-            DType::Q8_0 => Ok("dequant_q8_0.wgsl"),
-            DType::Q4_0 => Ok("dequant_q4_0.wgsl"),
-            DType::Q4_1 => Ok("dequant_q4_1.wgsl"),
-            d => Err(Error::Gpu(format!("experts `{}`: no GPU decoder for {d}", self.name))),
-        }
+        crate::gpu::weights::dequant_shader_for(self.dtype)
+            .ok_or_else(|| Error::Gpu(format!("experts `{}`: no GPU decoder for {}", self.name, self.dtype)))
     }
 }
 

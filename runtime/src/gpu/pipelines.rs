@@ -32,6 +32,13 @@ const SHADERS: &[(&str, &str)] = &[
     ("dequant_q8_0.wgsl", include_str!("../../../shaders/dequant_q8_0.wgsl")),
     ("dequant_q4_0.wgsl", include_str!("../../../shaders/dequant_q4_0.wgsl")),
     ("dequant_q4_1.wgsl", include_str!("../../../shaders/dequant_q4_1.wgsl")),
+    ("dequant_q5_0.wgsl", include_str!("../../../shaders/dequant_q5_0.wgsl")),
+    ("dequant_q5_1.wgsl", include_str!("../../../shaders/dequant_q5_1.wgsl")),
+    ("dequant_q2_k.wgsl", include_str!("../../../shaders/dequant_q2_k.wgsl")),
+    ("dequant_q3_k.wgsl", include_str!("../../../shaders/dequant_q3_k.wgsl")),
+    ("dequant_q4_k.wgsl", include_str!("../../../shaders/dequant_q4_k.wgsl")),
+    ("dequant_q5_k.wgsl", include_str!("../../../shaders/dequant_q5_k.wgsl")),
+    ("dequant_q6_k.wgsl", include_str!("../../../shaders/dequant_q6_k.wgsl")),
     ("matmul_nt_wq.wgsl", include_str!("../../../shaders/matmul_nt_wq.wgsl")),
     (
         "matmul_x_storage.wgsl",

@@ -147,6 +147,104 @@ fn matmul_matches_qlinear_for_each_format_and_shape() {
     }
 }
 
+/// The formats added with the K-quants, and row lengths for each: K-quant
+/// rows need whole 256-value super-blocks. 768 values are 3 super-blocks,
+/// which makes Q6_K (630-byte) and Q3_K (330-byte) rows 2-aligned on every
+/// other row; 96 values make Q5_0 (66-byte) rows 2-aligned likewise.
+const NEW_DTYPES: [DType; 7] = [
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q2_K,
+    DType::Q3_K,
+    DType::Q4_K,
+    DType::Q5_K,
+    DType::Q6_K,
+];
+
+fn new_dtype_cols(dtype: DType) -> [usize; 3] {
+    if dtype.block().0 == 256 { [256, 768, 2048] } else { [64, 96, 2048] }
+}
+
+#[test]
+fn matmul_matches_qlinear_for_new_quant_formats() {
+    let Some(ctx) = ctx() else { return };
+    for dtype in NEW_DTYPES {
+        let mut max_err = MaxErr::default();
+        for (i, (&c, n)) in new_dtype_cols(dtype).iter().zip([37, 100, 70]).enumerate() {
+            let w = weight(dtype, n, c, 300 + i as u64);
+            let gw = GpuMatrix::upload(ctx, &w).unwrap();
+            assert_eq!(gw.chunk_rows(), vec![(0, n)]);
+            // GEMV (T = 1) and GEMM (T > 4), with and without bias.
+            for t in [1, 2, 8, 37] {
+                max_err = max_err.max(check_matmul(ctx, &w, &gw, t, t != 2));
+            }
+        }
+        eprintln!("matmul {dtype}: {max_err} (tolerance 1e-4 * (1 + |ref|))");
+    }
+}
+
+#[test]
+fn matmul_and_embed_split_new_quant_formats_into_chunks() {
+    let Some(ctx) = ctx() else { return };
+    for dtype in NEW_DTYPES {
+        let (n, c) = (200, new_dtype_cols(dtype)[1]);
+        let w = weight(dtype, n, c, 23);
+        let limit = (64 * dtype.bytes_for(c) + 8) as u64;
+        let gw = GpuMatrix::upload_with_chunk_limit(ctx, &w, limit).unwrap();
+        assert_eq!(
+            gw.chunk_rows(),
+            vec![(0, 64), (64, 64), (128, 64), (192, 8)],
+            "{dtype} chunks"
+        );
+        let mut max_err = MaxErr::default();
+        for t in [1, 37] {
+            max_err = max_err.max(check_matmul(ctx, &w, &gw, t, true));
+        }
+        eprintln!("chunked matmul {dtype}: {max_err}");
+    }
+}
+
+#[test]
+fn embed_rows_matches_dequantize_row_for_new_quant_formats() {
+    let Some(ctx) = ctx() else { return };
+    let v = 300;
+    for dtype in NEW_DTYPES {
+        let c = new_dtype_cols(dtype)[1];
+        let table = weight(dtype, v, c, 41);
+        for limit in [None, Some((64 * dtype.bytes_for(c) + 8) as u64)] {
+            let gt = match limit {
+                None => GpuMatrix::upload(ctx, &table).unwrap(),
+                Some(l) => GpuMatrix::upload_with_chunk_limit(ctx, &table, l).unwrap(),
+            };
+            let t = 13usize;
+            let ids: Vec<u32> = (0..t).map(|i| ((i * 97 + [0, v - 1, 64, 63][i % 4]) % v) as u32).collect();
+            let mut want = vec![0f32; t * c];
+            for (row, &id) in want.chunks_mut(c).zip(&ids) {
+                table.dequantize_row(id as usize, row);
+            }
+            let gids = ctx.upload_u32("ids", &ids, &[t]).unwrap();
+            let out = ctx.zeros_f32("out", &[t, c]).unwrap();
+            run(ctx, "embed test", |enc| embed_rows(ctx, enc, &gt, &gids, &out));
+            let got = ctx.read_f32(&out).unwrap();
+            // The GPU may fuse `d * q - m` into one rounding; allow for that.
+            let what = format!("embed {dtype} T={t} chunks={}", gt.chunk_rows().len());
+            let err = assert_close(&what, &got, &want, c, 1e-6);
+            eprintln!("{what}: {err}");
+        }
+    }
+}
+
+#[test]
+fn k_quant_rows_that_are_not_whole_super_blocks_are_rejected() {
+    let Some(ctx) = ctx() else { return };
+    // 512 values of Q4_K bytes viewed as 2 rows of 256 is fine; as 4 rows of
+    // 128 it is not, and the error names the tensor.
+    let bytes = quantize(DType::Q4_K, &seeded(512, 3));
+    let odd = QTensor::from_bytes("blk.0.ffn_down.weight", DType::Q4_K, vec![4, 128], bytes);
+    let err = GpuMatrix::upload(ctx, &odd).unwrap_err().to_string();
+    assert!(err.contains("blk.0.ffn_down.weight") && err.contains("not whole blocks of 256"), "{err}");
+}
+
 #[test]
 fn matmul_f32_handles_rows_that_are_not_whole_blocks() {
     let Some(ctx) = ctx() else { return };
@@ -551,3 +649,20 @@ fn bench() {
         }
     }
 }
+
+/// Not a test: GPU-only GEMV/GEMM timings of every quant format on one
+/// shape, for comparing decoders (and an interface change) as ratios. Run
+/// with `cargo test -p lynx --lib gpu::tests::bench_formats -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_formats() {
+    let Some(ctx) = ctx() else { return };
+    let (n, c) = (2048, 4096);
+    for dtype in DType::ALL.into_iter().filter(|d| d.is_quantized()) {
+        for t in [1, 8] {
+            let (s, gbs) = bench_matmul(ctx, dtype, n, c, t, 20).unwrap();
+            eprintln!("{dtype} {n}x{c} T={t}: GPU {:.3} ms {gbs:.2} GB/s", s * 1e3);
+        }
+    }
+}
+

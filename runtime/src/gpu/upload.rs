@@ -38,7 +38,8 @@ use crate::tokenizer::Tokenizer;
 /// How stored bytes become GPU bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Convert {
-    /// The GPU keeps the stored format (F32, Q8_0, Q4_0, Q4_1).
+    /// The GPU keeps the stored format (F32, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+    /// Q2_K, Q3_K, Q4_K, Q5_K, Q6_K).
     Copy,
     /// F16/BF16 widened to F32 (kernels for the half formats can come later).
     Widen(DType),

@@ -1,7 +1,8 @@
 //! `GpuMatrix`: a weight matrix on the GPU in its stored format.
 //!
-//! Q8_0/Q4_0/Q4_1 keep their GGUF block bytes (packed into u32 words, so
-//! kernels decode them exactly as `tensor::dequantize` does); F32 stays F32;
+//! Quantised formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q2_K ..
+//! Q6_K) keep their GGUF block bytes (packed into u32 words, so kernels
+//! decode them as `tensor::dequantize` does); F32 stays F32;
 //! F16/BF16 are widened to F32 on upload for now (kernels for them can come
 //! later). A storage binding may hold at most `max_storage_buffer_binding_size`
 //! bytes (128 MiB on lavapipe, often 2-4 GiB on GPUs), so a large matrix is
@@ -80,8 +81,10 @@ impl GpuMatrix {
         };
         if dtype.is_quantized() && !cols.is_multiple_of(dtype.block().0) {
             return Err(Error::InvalidArgument(format!(
-                "GpuMatrix `{}`: {} rows of {cols} values are not whole blocks of 32",
-                t.name, dtype
+                "GpuMatrix `{}`: {} rows of {cols} values are not whole blocks of {}",
+                t.name,
+                dtype,
+                dtype.block().0
             )));
         }
         let row_bytes = dtype.bytes_for(cols);
@@ -144,12 +147,28 @@ impl GpuMatrix {
 
     /// The shader file that decodes this matrix's format.
     pub(crate) fn dequant_shader(&self) -> Result<&'static str> {
-        match self.dtype {
-            DType::F32 => Ok("dequant_f32.wgsl"),
-            DType::Q8_0 => Ok("dequant_q8_0.wgsl"),
-            DType::Q4_0 => Ok("dequant_q4_0.wgsl"),
-            DType::Q4_1 => Ok("dequant_q4_1.wgsl"),
-            d => Err(Error::Gpu(format!("GpuMatrix `{}`: no GPU decoder for {d}", self.name))),
-        }
+        dequant_shader_for(self.dtype).ok_or_else(|| {
+            Error::Gpu(format!("GpuMatrix `{}`: no GPU decoder for {}", self.name, self.dtype))
+        })
     }
+}
+
+/// The decoder file (`shaders/dequant_<format>.wgsl`) for a GPU-side weight
+/// format, shared by dense matrices and stacked experts; `None` for F16/BF16,
+/// which are widened to F32 on upload.
+pub(crate) fn dequant_shader_for(dtype: DType) -> Option<&'static str> {
+    Some(match dtype {
+        DType::F32 => "dequant_f32.wgsl",
+        DType::Q8_0 => "dequant_q8_0.wgsl",
+        DType::Q4_0 => "dequant_q4_0.wgsl",
+        DType::Q4_1 => "dequant_q4_1.wgsl",
+        DType::Q5_0 => "dequant_q5_0.wgsl",
+        DType::Q5_1 => "dequant_q5_1.wgsl",
+        DType::Q2_K => "dequant_q2_k.wgsl",
+        DType::Q3_K => "dequant_q3_k.wgsl",
+        DType::Q4_K => "dequant_q4_k.wgsl",
+        DType::Q5_K => "dequant_q5_k.wgsl",
+        DType::Q6_K => "dequant_q6_k.wgsl",
+        DType::F16 | DType::BF16 => return None,
+    })
 }
