@@ -68,7 +68,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         num_layers: u("block_count")?,
         num_heads: heads,
         num_kv_heads: opt("attention.head_count_kv")?.unwrap_or(heads),
-        head_dim: opt("rope.dimension_count")?.unwrap_or(hidden / heads),
+        head_dim: opt("rope.dimension_count")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
         intermediate_size: intermediate,
         rms_norm_eps: g.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
         rope_theta: g.opt_f32(&key("rope.freq_base"))?.unwrap_or(10000.0),
