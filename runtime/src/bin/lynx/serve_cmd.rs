@@ -25,8 +25,9 @@ pub struct ServeArgs {
     /// A Hugging Face checkpoint directory or a .gguf file [default: the
     /// default model].
     pub model: Option<PathBuf>,
-    /// Where to run the model.
-    #[arg(long, value_enum, default_value_t = super::Device::Gpu)]
+    /// Where to run the model: auto (the GPU engine, or the CPU engine with
+    /// a notice when this machine has no GPU adapter), gpu or cpu.
+    #[arg(long, value_enum, default_value_t = super::Device::Auto)]
     pub device: super::Device,
     /// Re-store the weight matrices in this format after loading.
     #[arg(long, value_enum)]
@@ -165,6 +166,14 @@ pub fn serve_cmd(args: &ServeArgs) -> anyhow::Result<()> {
     };
     // Check the limits before the slow load.
     args.config(model_id.clone(), &policies[0])?;
+    if args.device == super::Device::Cpu && policies.iter().any(|p| !p.is_exact()) {
+        bail!("the CPU reference routes exactly; expert policies other than `exact` need `--device gpu`");
+    }
+    let needs_gpu = policies
+        .iter()
+        .find(|p| !p.is_exact())
+        .map(|p| format!("--experts {p}"));
+    let ctx = super::open_gpu(args.device, needs_gpu.as_deref())?;
     let mut lm = super::load_model(&path)?;
     if let Some(q) = args.quant {
         lm.model
@@ -178,11 +187,8 @@ pub fn serve_cmd(args: &ServeArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow!("the model has no tokenizer"))?,
     );
 
-    match args.device {
-        super::Device::Cpu => {
-            if policies.iter().any(|p| !p.is_exact()) {
-                bail!("the CPU reference routes exactly; expert policies other than `exact` need `--device gpu`");
-            }
+    match ctx {
+        None => {
             let engine = Arc::new(lm.model);
             if args.bench.is_empty() {
                 serve(args.config(model_id, &policies[0])?, engine, tok, None)
@@ -190,8 +196,8 @@ pub fn serve_cmd(args: &ServeArgs) -> anyhow::Result<()> {
                 bench(args, &model_id, engine, tok, &policies, |_| Ok(()), || None)
             }
         }
-        super::Device::Gpu => {
-            let gpu = Arc::new(super::upload_to_gpu(&lm)?);
+        Some(ctx) => {
+            let gpu = Arc::new(super::upload_to_gpu(&lm, ctx)?);
             drop(lm);
             if args.bench.is_empty() {
                 gpu.set_policy(policies[0])
