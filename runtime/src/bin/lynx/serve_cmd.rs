@@ -72,6 +72,22 @@ pub struct ServeArgs {
     /// running then ends with an error and frees its slot.
     #[arg(long, default_value_t = 600.0, value_name = "SECONDS")]
     pub request_timeout: f64,
+    /// Seconds a client has to send a request's line and headers; a slower
+    /// one (e.g. a slowloris that sends half a request line and stalls) is
+    /// disconnected.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub header_timeout: f64,
+    /// Seconds a client has to send a request's body after its headers; a
+    /// slower one gets 408.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub body_timeout: f64,
+    /// Seconds a keep-alive connection may stay open with no request
+    /// running and no bytes moving before it is closed.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    pub idle_timeout: f64,
+    /// The most connections open at once; more get a 503 and are closed.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
     /// Instead of serving, measure the server over loopback with these
     /// numbers of concurrent streaming clients (comma-separated), for each
     /// policy in --experts, and print requests/s and latency percentiles.
@@ -92,6 +108,19 @@ impl ServeArgs {
         if !(self.request_timeout.is_finite() && self.request_timeout > 0.0) {
             bail!("--request-timeout must be a positive number of seconds");
         }
+        for (flag, v) in [
+            ("--header-timeout", self.header_timeout),
+            ("--body-timeout", self.body_timeout),
+            ("--idle-timeout", self.idle_timeout),
+        ] {
+            // A bound keeps Duration::from_secs_f64 from panicking.
+            if !(v.is_finite() && v > 0.0 && v <= 1e9) {
+                bail!("{flag} must be a positive number of seconds");
+            }
+        }
+        if self.max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
         let config = ServerConfig {
             addr: SocketAddr::new(self.host, self.port),
             model_id,
@@ -105,6 +134,10 @@ impl ServeArgs {
             max_prompt_tokens: self.max_prompt_tokens,
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_secs_f64(self.request_timeout),
+            header_read_timeout: Duration::from_secs_f64(self.header_timeout),
+            body_timeout: Duration::from_secs_f64(self.body_timeout),
+            idle_timeout: Duration::from_secs_f64(self.idle_timeout),
+            max_connections: self.max_connections,
             ..ServerConfig::default()
         };
         config.validate()?;
