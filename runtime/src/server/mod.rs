@@ -415,8 +415,7 @@ async fn serve_until_shutdown(
 
 /// Answers a connection over the limit with a 503 and closes it, within a
 /// short bound so that a client that never reads cannot keep it.
-async fn refuse_connection(mut stream: tokio::net::TcpStream, max: usize) {
-    use tokio::io::AsyncWriteExt;
+async fn refuse_connection(stream: tokio::net::TcpStream, max: usize) {
     let body = ApiError::server(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("the server has {max} connections open, its limit; retry later"),
@@ -429,11 +428,21 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream, max: usize) {
          retry-after: 1\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
+    let mut rest = reply.as_bytes();
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(reply.as_bytes()).await;
-        let _ = stream.shutdown().await;
+        while !rest.is_empty() {
+            if stream.writable().await.is_err() {
+                return;
+            }
+            match stream.try_write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
     })
     .await;
+    // Dropping the socket closes it.
 }
 
 /// Serves one connection with the header-read timeout and the idle
