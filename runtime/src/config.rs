@@ -208,12 +208,6 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.num_kv_heads > self.num_heads {
-            return Err(err(
-                "num_key_value_heads",
-                format!("{} is more than num_attention_heads ({})", self.num_kv_heads, self.num_heads),
-            ));
-        }
         if self.head_dim % 2 != 0 {
             return Err(err("head_dim", format!("{} must be even for rotary embeddings", self.head_dim)));
         }
