@@ -1,6 +1,7 @@
 //! The `lynx` command line: inspect a checkpoint, generate a completion,
-//! chat interactively, quantize, or benchmark; on the GPU engine by default,
-//! or on the CPU reference with `--device cpu`.
+//! chat interactively, quantize, or benchmark; on the GPU engine by default
+//! (falling back to the CPU reference, with a notice, where no GPU adapter
+//! opens), or on the CPU reference with `--device cpu`.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, IsTerminal, Write};
