@@ -209,7 +209,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(err("head_dim", format!("{} must be even for rotary embeddings", self.head_dim)));
+            return Err(err(
+                "head_dim",
+                format!("{} must be even for rotary embeddings", self.head_dim),
+            ));
         }
         // The projections are (heads * head_dim) x hidden; bound the product
         // so that later size arithmetic cannot overflow.
@@ -232,10 +235,16 @@ impl ModelConfig {
             ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return Err(err("rms_norm_eps", format!("{} is not a finite non-negative number", self.rms_norm_eps)));
+            return Err(err(
+                "rms_norm_eps",
+                format!("{} is not a finite non-negative number", self.rms_norm_eps),
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(err("rope_theta", format!("{} is not a finite positive number", self.rope_theta)));
+            return Err(err(
+                "rope_theta",
+                format!("{} is not a finite positive number", self.rope_theta),
+            ));
         }
         if self.sliding_window == Some(0) {
             return Err(err("sliding_window", "must be greater than 0".into()));
@@ -249,7 +258,10 @@ impl ModelConfig {
             if m.top_k == 0 || m.top_k > m.num_experts {
                 return Err(err(
                     "num_experts_per_tok",
-                    format!("top-k {} must be between 1 and the number of experts ({})", m.top_k, m.num_experts),
+                    format!(
+                        "top-k {} must be between 1 and the number of experts ({})",
+                        m.top_k, m.num_experts
+                    ),
                 ));
             }
             dim("moe_intermediate_size", m.expert_intermediate_size, MAX_DIM)?;

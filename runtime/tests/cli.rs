@@ -192,8 +192,14 @@ fn without_a_gpu_adapter_generate_falls_back_to_the_cpu_engine() {
 #[test]
 fn without_a_gpu_adapter_gpu_only_features_say_so() {
     for (args, want) in [
-        (vec!["generate", "--prompt", "hi", "--experts", "lynx"], "--experts lynx needs the GPU engine"),
-        (vec!["serve", "--port", "0", "--experts", "oea"], "--experts oea needs the GPU engine"),
+        (
+            vec!["generate", "--prompt", "hi", "--experts", "lynx"],
+            "--experts lynx needs the GPU engine",
+        ),
+        (
+            vec!["serve", "--port", "0", "--experts", "oea"],
+            "--experts oea needs the GPU engine",
+        ),
         (vec!["eval"], "GPU engine only"),
         (vec!["bench"], "GPU engine only"),
     ] {

@@ -187,10 +187,20 @@ fn absurd_config_json_values_name_the_field() {
         ("zero-vocab", "vocab_size", 0.into(), "vocab_size"),
         ("zero-layers", "num_hidden_layers", 0.into(), "num_hidden_layers"),
         ("zero-topk", "num_experts_per_tok", 0.into(), "num_experts_per_tok"),
-        ("topk-over-experts", "num_experts_per_tok", 9.into(), "num_experts_per_tok"),
+        (
+            "topk-over-experts",
+            "num_experts_per_tok",
+            9.into(),
+            "num_experts_per_tok",
+        ),
         ("zero-experts", "num_local_experts", 0.into(), "num_local_experts"),
         ("huge-vocab", "vocab_size", (1u64 << 40).into(), "vocab_size"),
-        ("huge-context", "max_position_embeddings", (1u64 << 40).into(), "max_position_embeddings"),
+        (
+            "huge-context",
+            "max_position_embeddings",
+            (1u64 << 40).into(),
+            "max_position_embeddings",
+        ),
     ];
     for (tag, key, value, field) in cases {
         let value = value.clone();
@@ -222,7 +232,10 @@ fn more_layers_than_tensors_names_the_first_missing_layer() {
 }
 
 /// Writes the mixtral fixture as a GGUF whose metadata `edit` changed.
-fn gguf_with_metadata(tag: &str, edit: impl Fn(&mut std::collections::BTreeMap<String, lynx::gguf::GgufValue>)) -> std::path::PathBuf {
+fn gguf_with_metadata(
+    tag: &str,
+    edit: impl Fn(&mut std::collections::BTreeMap<String, lynx::gguf::GgufValue>),
+) -> std::path::PathBuf {
     let dir = temp_dir(tag);
     let m = load(&fixtures_dir().join("mixtral")).unwrap();
     let good = dir.join("good.gguf");

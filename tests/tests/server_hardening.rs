@@ -79,7 +79,11 @@ impl Engine for PanicOn {
 fn wait_for(server: &Server, what: &str, cond: impl Fn(&lynx::serving::SchedulerStats) -> bool) {
     let t0 = Instant::now();
     while !cond(&server.stats()) {
-        assert!(t0.elapsed() < IO_TIMEOUT, "timed out waiting for {what}: {:?}", server.stats());
+        assert!(
+            t0.elapsed() < IO_TIMEOUT,
+            "timed out waiting for {what}: {:?}",
+            server.stats()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -119,13 +123,19 @@ fn an_engine_panic_fails_every_request_and_the_server_turns_unhealthy() {
 
     // The running request's stream ends with an error event, no [DONE].
     let rest = stream.rest().unwrap();
-    assert!(rest.contains("engine panicked") && rest.contains("injected failure"), "{rest}");
+    assert!(
+        rest.contains("engine panicked") && rest.contains("injected failure"),
+        "{rest}"
+    );
     assert!(!rest.contains("[DONE]"), "{rest}");
     // The queued one gets a 5xx with an OpenAI error body.
     let r = queued.join().unwrap();
     assert!(r.status >= 500, "queued request: {} {}", r.status, r.text());
     let e = r.json().unwrap();
-    assert!(e["error"]["message"].as_str().unwrap().contains("engine panicked"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("engine panicked"),
+        "{e}"
+    );
     // New requests get 503, and so does the health check.
     let body = br#"{"prompt":"hi","max_tokens":2}"#;
     let r = request(addr, "POST", "/v1/completions", Some(body), IO_TIMEOUT).unwrap();
@@ -200,7 +210,10 @@ fn stalled_request_lines_bodies_and_idle_connections_are_cut_off() {
     idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let (got, took) = read_until_closed(&mut idle, Duration::from_secs(5));
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-    assert!(took < Duration::from_secs(3), "idle connection closed only after {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "idle connection closed only after {took:?}"
+    );
 
     // And a normal generation still succeeds.
     let body = br#"{"prompt":"The capital of France is","max_tokens":2}"#;
@@ -225,13 +238,19 @@ fn the_idle_watchdog_closes_idle_connections_but_spares_a_long_request() {
     idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let (got, took) = read_until_closed(&mut idle, Duration::from_secs(8));
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-    assert!(took < Duration::from_secs(3), "idle connection closed only after {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "idle connection closed only after {took:?}"
+    );
     let body = br#"{"prompt":"Once upon a time","max_tokens":24,"ignore_eos":true}"#;
     let t0 = Instant::now();
     let r = request(server.addr(), "POST", "/v1/completions", Some(body), IO_TIMEOUT).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json().unwrap()["usage"]["completion_tokens"], 24);
-    assert!(t0.elapsed() > Duration::from_millis(100), "the generation was too quick to test the watchdog");
+    assert!(
+        t0.elapsed() > Duration::from_millis(100),
+        "the generation was too quick to test the watchdog"
+    );
 }
 
 #[test]
@@ -261,7 +280,12 @@ fn connections_over_the_cap_get_503_and_the_others_are_still_served() {
         if r.status == 200 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "still refused: {} {}", r.status, r.text());
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "still refused: {} {}",
+            r.status,
+            r.text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

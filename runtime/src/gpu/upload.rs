@@ -477,8 +477,11 @@ impl GgufStreamLoad {
                 let tokenizer = Tokenizer::from_gguf(&file)?;
                 // The same builder as for a file on disk; its tensors are
                 // deferred, so this only describes the weights.
-                let described =
-                    crate::loader::build_checked(config, &GgufSource { file: &file }, crate::config::ConfigSource::Gguf)?;
+                let described = crate::loader::build_checked(
+                    config,
+                    &GgufSource { file: &file },
+                    crate::config::ConfigSource::Gguf,
+                )?;
                 let (model, mut stream) = GpuModel::create(self.ctx.clone(), &described, |_, _| {})?;
                 // The header buffer may already hold the first tensors.
                 stream.feed(&header)?;

@@ -58,7 +58,9 @@ const SSE_KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// The SSE keep-alive interval: [`SSE_KEEP_ALIVE`], or half the idle
 /// timeout when that is shorter, so the idle watchdog never cuts a stream.
 fn sse_keep_alive(config: &ServerConfig) -> Duration {
-    SSE_KEEP_ALIVE.min(config.idle_timeout / 2).max(Duration::from_millis(1))
+    SSE_KEEP_ALIVE
+        .min(config.idle_timeout / 2)
+        .max(Duration::from_millis(1))
 }
 
 /// How long shutdown waits for open connections before closing them.
@@ -400,7 +402,13 @@ async fn serve_until_shutdown(
         };
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                tokio::spawn(serve_connection(stream, router.clone(), shutdown.clone(), limits, permit));
+                tokio::spawn(serve_connection(
+                    stream,
+                    router.clone(),
+                    shutdown.clone(),
+                    limits,
+                    permit,
+                ));
             }
             Err(_) => {
                 tokio::spawn(refuse_connection(stream, limits.max_connections));
@@ -527,7 +535,9 @@ impl Activity {
     }
 
     fn idle_for(&self) -> Duration {
-        self.start.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::SeqCst)))
+        self.start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::SeqCst)))
     }
 }
 
