@@ -4,6 +4,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::arch;
+use crate::config::{ConfigSource, ModelConfig};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 pub use crate::safetensors_dir::TensorInfo;
@@ -69,7 +70,7 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     }
     let config = arch::config_from_hf(&config_path)?;
     let src = SafetensorsDir::open(dir)?;
-    let model = arch::build(config, &src)?;
+    let model = build_checked(config, &src, ConfigSource::HfJson)?;
     Ok(LoadedModel {
         model,
         tokenizer: Tokenizer::from_hf_dir(dir)?,
@@ -83,7 +84,7 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let file = GgufFile::open(path)?;
     let config = arch::config_from_gguf(&file)?;
     let src = arch::GgufSource { file: &file };
-    let model = arch::build(config, &src)?;
+    let model = build_checked(config, &src, ConfigSource::Gguf)?;
     Ok(LoadedModel {
         model,
         tokenizer: Tokenizer::from_gguf(&file)?,
@@ -91,6 +92,32 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
         format: ModelFormat::Gguf,
         tensors: src.infos(),
     })
+}
+
+/// Validates `config` (read from `source`) and checks that every layer it
+/// declares has its tensors in `src`, then builds the model. A config that
+/// declares more layers than the file holds fails here, naming the first
+/// missing tensor, before anything is sized from the layer count.
+pub fn build_checked(config: ModelConfig, src: &dyn TensorSource, source: ConfigSource) -> Result<Model> {
+    config.validate(src.path(), source)?;
+    check_layers_present(&config, src)?;
+    arch::build(config, src)
+}
+
+/// Every layer has an input norm in each supported architecture, so its
+/// presence stands for the layer's presence; the builder checks the rest
+/// of each layer's tensors, with their shapes.
+fn check_layers_present(config: &ModelConfig, src: &dyn TensorSource) -> Result<()> {
+    for l in 0..config.num_layers {
+        let name = format!("model.layers.{l}.input_layernorm.weight");
+        if !src.contains(&name) {
+            return Err(Error::MissingTensor {
+                path: src.path().to_path_buf(),
+                name: format!("{name} (the config declares {} layers)", config.num_layers),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The GGUF of SmolLM2-135M-Instruct that `models/get-smollm2.sh` installs

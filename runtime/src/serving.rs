@@ -81,6 +81,9 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("the scheduler is shutting down")]
     ShuttingDown,
+    /// The engine panicked and the loop stopped; nothing more will run.
+    #[error("the engine failed and the scheduler stopped: {0}")]
+    Failed(String),
     #[error("invalid request: {0}")]
     Invalid(String),
 }
@@ -213,6 +216,8 @@ pub struct SchedulerStats {
 struct Shared {
     queue: VecDeque<Pending>,
     shutdown: bool,
+    /// Why the loop stopped, once the engine panicked inside it.
+    failure: Option<String>,
     next_id: u64,
     stats: SchedulerStats,
 }
@@ -235,6 +240,7 @@ impl Scheduler {
             shared: Mutex::new(Shared {
                 queue: VecDeque::new(),
                 shutdown: false,
+                failure: None,
                 next_id: 0,
                 stats: SchedulerStats::default(),
             }),
@@ -305,6 +311,9 @@ impl Scheduler {
         prompt: Vec<u32>,
         opts: GenerateOptions,
     ) -> std::result::Result<RequestHandle, SubmitError> {
+        if let Some(why) = &s.failure {
+            return Err(SubmitError::Failed(why.clone()));
+        }
         if s.shutdown {
             return Err(SubmitError::ShuttingDown);
         }
@@ -355,16 +364,65 @@ impl Scheduler {
         self.lock().stats
     }
 
+    /// Why the loop stopped, if the engine panicked inside it (see
+    /// [`Scheduler::run`]); `None` while it is healthy.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failure.clone()
+    }
+
     /// Runs the loop until [`Scheduler::shutdown`]. Engine errors fail the
-    /// requests of the step that hit them, not the loop.
+    /// requests of the step that hit them, not the loop. An engine panic
+    /// stops the loop for good: the engine's state (its caches, the
+    /// sequences of the step) can no longer be trusted, so every running
+    /// and queued request gets an `Error` event, later submissions get
+    /// [`SubmitError::Failed`], and [`Scheduler::failure`] says why.
     pub fn run<E: Engine>(&self, engine: &E, tok: &Tokenizer) {
         let engine = Blocking(engine);
         let mut running: Vec<Running<E::Seq>> = Vec::new();
         while let Some(admitted) = self.admit(&mut running, true) {
+            // The step consumes `admitted` and may drop finished requests, so
+            // the channels to tell of a panic are kept aside first.
+            let told: Vec<Sender<Event>> = running
+                .iter()
+                .map(|r| r.events.clone())
+                .chain(admitted.iter().map(|p| p.events.clone()))
+                .collect();
             // The engine is synchronous, so the step's future is ready as
             // soon as it is polled: this blocks exactly as long as the step.
-            pollster::block_on(self.step(&engine, tok, &mut running, admitted));
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pollster::block_on(self.step(&engine, tok, &mut running, admitted))
+            }));
+            if let Err(payload) = step {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into());
+                running.clear();
+                self.fail(format!("the engine panicked: {what}"), &told);
+                return;
+            }
         }
+    }
+
+    /// Marks the scheduler failed and ends every request it still holds,
+    /// and those of `told` (the step that failed), with an error.
+    fn fail(&self, why: String, told: &[Sender<Event>]) {
+        let mut s = self.lock();
+        let mut ended = told.len();
+        for t in told {
+            let _ = t.send(Event::Error(why.clone()));
+        }
+        for p in s.queue.drain(..) {
+            let _ = p.events.send(Event::Error(why.clone()));
+            ended += 1;
+        }
+        s.stats.failed += ended as u64;
+        s.stats.queued = 0;
+        s.stats.running = 0;
+        s.failure = Some(why);
+        drop(s);
+        self.wake.notify_all();
     }
 
     /// [`Scheduler::run`] for a thread that must not block (a browser page):

@@ -12,8 +12,11 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-/// Element type or block-quantisation format of a stored tensor.
+/// Element type or block-quantisation format of a stored tensor. The
+/// K-quant variants keep ggml's spelling (`Q4_K`) so that they read like the
+/// format names users see in file names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
 pub enum DType {
     F32,
     F16,

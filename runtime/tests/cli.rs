@@ -144,3 +144,68 @@ fn generate_writes_a_trace_of_every_step() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Runs `lynx` where wgpu finds no adapter: the only native backend built in
+/// is Vulkan, and the Vulkan loader is pointed at a driver list that does
+/// not exist.
+fn lynx_without_gpu(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lynx"))
+        .args(args)
+        .env("WGPU_BACKEND", "vulkan")
+        .env("VK_ICD_FILENAMES", "/nonexistent.json")
+        .env("VK_DRIVER_FILES", "/nonexistent.json")
+        .output()
+        .expect("run lynx");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn without_a_gpu_adapter_generate_falls_back_to_the_cpu_engine() {
+    // The explicit GPU request fails, which also shows that this
+    // environment really hides every adapter.
+    let (code, _, err) = lynx_without_gpu(&["generate", "--device", "gpu", "--prompt", "hi", "--max-tokens", "2"]);
+    assert_eq!(code, 1, "--device gpu without an adapter should fail: {err}");
+    assert!(err.contains("--device gpu") && err.contains("no GPU adapter"), "{err}");
+
+    // The default (auto) falls back, says so in one line, and answers
+    // exactly as the CPU engine does.
+    let args = ["generate", "--prompt", "The capital of France is", "--max-tokens", "4"];
+    let (code, out, err) = lynx_without_gpu(&args);
+    assert_eq!(code, 0, "{err}");
+    let notices: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("no GPU adapter found") && l.contains("running on the CPU engine"))
+        .collect();
+    assert_eq!(notices.len(), 1, "expected one fallback notice on stderr: {err}");
+    assert!(!out.trim().is_empty(), "no text generated: {err}");
+    let mut cpu_args = args.to_vec();
+    cpu_args.extend(["--device", "cpu"]);
+    let (code, cpu_out, cpu_err) = lynx(&cpu_args);
+    assert_eq!(code, 0, "{cpu_err}");
+    assert_eq!(out, cpu_out, "the fallback should answer as --device cpu does");
+}
+
+#[test]
+fn without_a_gpu_adapter_gpu_only_features_say_so() {
+    for (args, want) in [
+        (
+            vec!["generate", "--prompt", "hi", "--experts", "lynx"],
+            "--experts lynx needs the GPU engine",
+        ),
+        (
+            vec!["serve", "--port", "0", "--experts", "oea"],
+            "--experts oea needs the GPU engine",
+        ),
+        (vec!["eval"], "GPU engine only"),
+        (vec!["bench"], "GPU engine only"),
+    ] {
+        let (code, _, err) = lynx_without_gpu(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected `{want}` in: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

@@ -159,3 +159,165 @@ fn token_outside_vocabulary_is_refused() {
         .unwrap_err();
     assert!(matches!(e, Error::TokenOutOfRange { id, .. } if id == v), "{e:?}");
 }
+
+/// Loads the mixtral fixture after `edit` rewrote its config.json, and
+/// returns the error, which must be a config error naming `field`.
+fn hf_config_error(tag: &str, edit: impl Fn(&mut serde_json::Value), field: &str) {
+    let dir = temp_dir(tag);
+    copy_fixture("mixtral", &dir);
+    let path = dir.join("config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut json);
+    fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.to_string().contains(field),
+        "{tag}: the error should name `{field}`: {e}"
+    );
+}
+
+#[test]
+fn absurd_config_json_values_name_the_field() {
+    let cases: &[(&str, &str, serde_json::Value, &str)] = &[
+        ("zero-hidden", "hidden_size", 0.into(), "hidden_size"),
+        ("zero-heads", "num_attention_heads", 0.into(), "num_attention_heads"),
+        ("zero-kv", "num_key_value_heads", 0.into(), "num_key_value_heads"),
+        ("kv-not-divisor", "num_key_value_heads", 3.into(), "num_key_value_heads"),
+        ("zero-head-dim", "head_dim", 0.into(), "head_dim"),
+        ("zero-vocab", "vocab_size", 0.into(), "vocab_size"),
+        ("zero-layers", "num_hidden_layers", 0.into(), "num_hidden_layers"),
+        ("zero-topk", "num_experts_per_tok", 0.into(), "num_experts_per_tok"),
+        (
+            "topk-over-experts",
+            "num_experts_per_tok",
+            9.into(),
+            "num_experts_per_tok",
+        ),
+        ("zero-experts", "num_local_experts", 0.into(), "num_local_experts"),
+        ("huge-vocab", "vocab_size", (1u64 << 40).into(), "vocab_size"),
+        (
+            "huge-context",
+            "max_position_embeddings",
+            (1u64 << 40).into(),
+            "max_position_embeddings",
+        ),
+    ];
+    for (tag, key, value, field) in cases {
+        let value = value.clone();
+        hf_config_error(tag, |j| j[*key] = value.clone(), field);
+    }
+    // Large enough to pass the per-field bounds, but hidden * vocab is
+    // 2^20 * 2^20 elements: refused before the embedding is looked at.
+    hf_config_error(
+        "huge-product",
+        |j| {
+            j["hidden_size"] = (1u64 << 20).into();
+            j["vocab_size"] = (1u64 << 20).into();
+        },
+        "vocab_size",
+    );
+}
+
+#[test]
+fn more_layers_than_tensors_names_the_first_missing_layer() {
+    let dir = temp_dir("layers");
+    copy_fixture("mixtral", &dir);
+    let path = dir.join("config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    json["num_hidden_layers"] = 1000.into();
+    fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+    let e = load_err(&dir);
+    assert!(matches!(e, Error::MissingTensor { .. }), "{e:?}");
+    assert!(e.to_string().contains("model.layers.2."), "{e}");
+}
+
+/// Writes the mixtral fixture as a GGUF whose metadata `edit` changed.
+fn gguf_with_metadata(
+    tag: &str,
+    edit: impl Fn(&mut std::collections::BTreeMap<String, lynx::gguf::GgufValue>),
+) -> std::path::PathBuf {
+    let dir = temp_dir(tag);
+    let m = load(&fixtures_dir().join("mixtral")).unwrap();
+    let good = dir.join("good.gguf");
+    lynx::export::write_model_gguf(&m, lynx::DType::Q8_0, &good).unwrap();
+    let file = lynx::gguf::GgufFile::open(&good).unwrap();
+    let mut meta = file.metadata.clone();
+    edit(&mut meta);
+    let tensors: Vec<lynx::QTensor> = file.tensors.iter().map(|t| file.tensor(&t.name).unwrap()).collect();
+    let refs: Vec<&lynx::QTensor> = tensors.iter().collect();
+    let meta: Vec<(String, lynx::gguf::GgufValue)> = meta.into_iter().collect();
+    let bad = dir.join("bad.gguf");
+    lynx::gguf::write_gguf(&bad, &meta, &refs).unwrap();
+    bad
+}
+
+#[test]
+fn absurd_gguf_metadata_names_the_key() {
+    use lynx::gguf::GgufValue::{U32, U64};
+    let cases = [
+        ("g-zero-heads", "llama.attention.head_count", U32(0)),
+        ("g-zero-hidden", "llama.embedding_length", U32(0)),
+        ("g-zero-kv", "llama.attention.head_count_kv", U32(0)),
+        ("g-kv-not-divisor", "llama.attention.head_count_kv", U32(3)),
+        ("g-zero-layers", "llama.block_count", U32(0)),
+        ("g-topk-zero", "llama.expert_used_count", U32(0)),
+        ("g-topk-over", "llama.expert_used_count", U32(9)),
+        ("g-huge-context", "llama.context_length", U64(1 << 40)),
+    ];
+    for (tag, key, value) in cases {
+        let path = gguf_with_metadata(tag, |m| {
+            m.insert(key.to_string(), value.clone());
+        });
+        let e = load_err(&path);
+        assert!(e.to_string().contains(key), "{tag}: the error should name `{key}`: {e}");
+    }
+    // A header that declares 1000 layers over 2 layers of tensors.
+    let path = gguf_with_metadata("g-layers", |m| {
+        m.insert("llama.block_count".into(), U32(1000));
+    });
+    let e = load_err(&path);
+    assert!(matches!(e, Error::MissingTensor { .. }), "{e:?}");
+    assert!(e.to_string().contains("model.layers.2."), "{e}");
+}
+
+#[test]
+fn corrupted_gguf_bytes_give_errors_never_panics() {
+    let dir = temp_dir("corrupt-gguf");
+    let m = load(&fixtures_dir().join("mixtral")).unwrap();
+    let path = dir.join("mixtral.gguf");
+    lynx::export::write_model_gguf(&m, lynx::DType::Q8_0, &path).unwrap();
+    let full = fs::read(&path).unwrap();
+    let header_end = lynx::gguf::GgufFile::open(&path).unwrap().data_start;
+    let bad = dir.join("bad.gguf");
+    // A seeded xorshift picks the offsets and the bytes, so a failure can
+    // be replayed from the offset in the message.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut errors = 0;
+    for round in 0..300 {
+        let mut bytes = full.clone();
+        // Corrupt inside the header, where every byte is structure.
+        let at = (next() as usize) % header_end;
+        let how = round % 3;
+        match how {
+            0 => bytes[at] = next() as u8,
+            1 => bytes[at] = 0xFF,
+            _ => bytes.truncate(at),
+        }
+        fs::write(&bad, &bytes).unwrap();
+        let result = std::panic::catch_unwind(|| load(&bad).map(|_| ()));
+        match result {
+            Err(_) => panic!("round {round}: corrupting byte {at} (mode {how}) panicked"),
+            Ok(Err(_)) => errors += 1,
+            // A changed byte inside a string (a name's letter, a token) can
+            // still leave a loadable file.
+            Ok(Ok(())) => assert!(how != 2, "round {round}: truncated at {at} but loaded"),
+        }
+    }
+    assert!(errors > 100, "only {errors} of 300 corruptions were refused");
+}

@@ -211,7 +211,11 @@ impl ModelLoad {
                 let file = GgufFile::from_buffer(PathBuf::from(&name), Arc::new(Buffer::Owned(bytes)))?;
                 let config = lynx::arch::config_from_gguf(&file)?;
                 let tokenizer = Tokenizer::from_gguf(&file)?.ok_or_else(|| missing(&name))?;
-                let model = lynx::arch::build(config, &lynx::arch::GgufSource { file: &file })?;
+                let model = lynx::loader::build_checked(
+                    config,
+                    &lynx::arch::GgufSource { file: &file },
+                    lynx::config::ConfigSource::Gguf,
+                )?;
                 Ok(Loaded {
                     engine: Engine::Cpu(model),
                     tokenizer,

@@ -78,7 +78,8 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     // rope dimension count.
     let head_dim = match opt("attention.key_length")? {
         Some(k) => k,
-        None => opt("rope.dimension_count")?.unwrap_or(hidden / heads),
+        // `checked_div` keeps a zero head count for `validate` to name.
+        None => opt("rope.dimension_count")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
     };
     if let Some(v) = opt("attention.value_length")?
         && v != head_dim

@@ -1,6 +1,7 @@
 //! The `lynx` command line: inspect a checkpoint, generate a completion,
-//! chat interactively, quantize, or benchmark; on the GPU engine by default,
-//! or on the CPU reference with `--device cpu`.
+//! chat interactively, quantize, or benchmark; on the GPU engine by default
+//! (falling back to the CPU reference, with a notice, where no GPU adapter
+//! opens), or on the CPU reference with `--device cpu`.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, IsTerminal, Write};
@@ -157,9 +158,10 @@ struct RunArgs {
     /// A Hugging Face checkpoint directory or a .gguf file [default: the
     /// default model].
     model: Option<PathBuf>,
-    /// Where to run the model: the GPU engine (wgpu), or the plain CPU
-    /// reference.
-    #[arg(long, value_enum, default_value_t = Device::Gpu)]
+    /// Where to run the model: auto (the GPU engine, or the CPU engine with a
+    /// notice when this machine has no GPU adapter), gpu (fail without one)
+    /// or cpu (the plain-Rust reference).
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
     /// Re-store the weight matrices in this format after loading (e.g. to
     /// run an f32/f16 safetensors checkpoint as Q8_0 or Q4_0) [default:
@@ -202,6 +204,9 @@ struct RunArgs {
 /// Compute devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Device {
+    /// The GPU engine when an adapter opens, else the CPU engine (with a
+    /// one-line notice on stderr).
+    Auto,
     /// The wgpu engine (Vulkan, Metal, DX12; lavapipe on machines without a GPU).
     Gpu,
     /// The plain-Rust f32 reference forward pass.
@@ -275,15 +280,24 @@ impl RunArgs {
                 "--experts and --trace need the GPU engine; the CPU reference always routes exactly (drop --device cpu)"
             ));
         }
+        // Expert selection rewrites the GPU's routing buffer and --trace
+        // records its metrics: neither exists on the CPU engine, so with them
+        // a missing adapter is an error rather than a silent exact run.
+        let needs_gpu = if !self.experts.is_exact() {
+            Some(format!("--experts {}", self.experts))
+        } else {
+            self.trace.as_ref().map(|_| "--trace".to_string())
+        };
+        let ctx = open_gpu(self.device, needs_gpu.as_deref())?;
         let mut lm = load_model(&self.model_path()?)?;
         if let Some(q) = self.quant {
             lm.model
                 .requantize(q.into())
                 .context("failed to re-store the weights")?;
         }
-        let gpu = match self.device {
-            Device::Cpu => None,
-            Device::Gpu => Some(upload_to_gpu(&lm)?),
+        let gpu = match ctx {
+            None => None,
+            Some(ctx) => Some(upload_to_gpu(&lm, ctx)?),
         };
         if let Some(gpu) = &gpu {
             gpu.set_policy(self.experts).context("invalid --experts")?;
@@ -296,11 +310,50 @@ impl RunArgs {
     }
 }
 
-/// Opens the GPU (reporting the adapter on stderr) and uploads the model's
-/// weights, with a progress bar when a person is watching.
-fn upload_to_gpu(lm: &LoadedModel) -> anyhow::Result<GpuModel> {
-    let ctx = GpuContext::new(GpuOptions::from_env())
-        .context("could not open a GPU; run with `--device cpu` to use the CPU reference instead")?;
+/// The notice printed when `--device auto` finds no GPU adapter.
+const CPU_FALLBACK_NOTICE: &str = "running on the CPU engine (slower)";
+
+/// Opens the GPU for `device`: `None` means the CPU engine. With `auto`, a
+/// machine without a usable adapter falls back to the CPU engine with a
+/// one-line notice, unless `needs_gpu` names a feature only the GPU engine
+/// has, in which case the missing adapter is an error that says so.
+fn open_gpu(device: Device, needs_gpu: Option<&str>) -> anyhow::Result<Option<GpuContext>> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Gpu => GpuContext::new(GpuOptions::from_env())
+            .map(Some)
+            .context("could not open a GPU (--device gpu); run with `--device cpu` to use the CPU reference instead"),
+        Device::Auto => match GpuContext::new(GpuOptions::from_env()) {
+            Ok(ctx) => Ok(Some(ctx)),
+            Err(e) => match needs_gpu {
+                Some(what) => Err(anyhow!(
+                    "{what} needs the GPU engine (expert selection runs on its routing buffer), and no GPU \
+                     adapter was found ({e}); the CPU engine only routes exactly"
+                )),
+                None => {
+                    eprintln!("lynx: no GPU adapter found ({e}); {CPU_FALLBACK_NOTICE}");
+                    Ok(None)
+                }
+            },
+        },
+    }
+}
+
+/// Opens the GPU for a command that only the GPU engine can run (`bench`,
+/// `eval`: they measure expert-selection policies), whatever `--device`
+/// says, naming the command when no adapter opens.
+fn open_gpu_for(command: &str) -> anyhow::Result<GpuContext> {
+    GpuContext::new(GpuOptions::from_env()).with_context(|| {
+        format!(
+            "`lynx {command}` measures expert-selection policies, which run on the GPU engine only, and no GPU \
+             adapter could be opened; it has no CPU fallback"
+        )
+    })
+}
+
+/// Uploads the model's weights to the GPU opened as `ctx` (reporting the
+/// adapter on stderr), with a progress bar when a person is watching.
+fn upload_to_gpu(lm: &LoadedModel, ctx: GpuContext) -> anyhow::Result<GpuModel> {
     eprintln!("[gpu: {}]", ctx.adapter_report());
     let layers = lm.model.layers.len() as u64;
     let bar = io::stderr().is_terminal().then(|| {
@@ -413,7 +466,7 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<()> {
         (None, Some(m)) => eval_cmd::default_policies(m.top_k),
         (None, None) => vec![ExpertPolicy::Exact],
     };
-    let mut gpu = upload_to_gpu(&lm)?;
+    let mut gpu = upload_to_gpu(&lm, open_gpu_for("bench")?)?;
     for p in &policies {
         // Checks every policy against the model before the long run starts.
         gpu.set_policy(*p)
@@ -975,7 +1028,7 @@ mod tests {
         match cli.command {
             Command::Generate(g) => {
                 assert_eq!(g.run.stop, ["a", "b"]);
-                assert_eq!(g.run.device, Device::Gpu);
+                assert_eq!(g.run.device, Device::Auto);
                 assert_eq!(g.run.model.as_deref(), Some(Path::new("m.gguf")));
             }
             _ => panic!("expected generate"),

@@ -27,7 +27,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::arch::{GgufSource, build, config_from_gguf};
+use crate::arch::{GgufSource, config_from_gguf};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::gpu::context::GpuContext;
@@ -478,7 +478,11 @@ impl GgufStreamLoad {
                 let tokenizer = Tokenizer::from_gguf(&file)?;
                 // The same builder as for a file on disk; its tensors are
                 // deferred, so this only describes the weights.
-                let described = build(config, &GgufSource { file: &file })?;
+                let described = crate::loader::build_checked(
+                    config,
+                    &GgufSource { file: &file },
+                    crate::config::ConfigSource::Gguf,
+                )?;
                 let (model, mut stream) = GpuModel::create(self.ctx.clone(), &described, |_, _| {})?;
                 // The header buffer may already hold the first tensors.
                 stream.feed(&header)?;

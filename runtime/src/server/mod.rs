@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -54,6 +54,14 @@ use crate::tokenizer::{ChatMessage, Tokenizer};
 /// How often an idle SSE stream sends a comment, so that proxies keep it
 /// open and a vanished client is noticed while its request waits.
 const SSE_KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// The SSE keep-alive interval: [`SSE_KEEP_ALIVE`], or half the idle
+/// timeout when that is shorter, so the idle watchdog never cuts a stream.
+fn sse_keep_alive(config: &ServerConfig) -> Duration {
+    SSE_KEEP_ALIVE
+        .min(config.idle_timeout / 2)
+        .max(Duration::from_millis(1))
+}
 
 /// How long shutdown waits for open connections before closing them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -105,6 +113,22 @@ pub struct ServerConfig {
     /// Threads of the HTTP runtime. HTTP work is light next to the model,
     /// so two are plenty.
     pub http_threads: usize,
+    /// Time a client has to send a request's line and headers, from the
+    /// moment the server starts reading them; a slower client (a slowloris
+    /// that sends half a request line and stalls) is disconnected.
+    pub header_read_timeout: Duration,
+    /// Time a client has to send a request's body once its headers are in;
+    /// a slower one gets 408.
+    pub body_timeout: Duration,
+    /// Time a connection may stay open with no request running and no
+    /// bytes moving either way (an idle keep-alive connection); then it is
+    /// closed. SSE streams send a keep-alive comment at least twice per
+    /// idle timeout, so a quiet stream is never taken for idle.
+    pub idle_timeout: Duration,
+    /// The most connections open at once. A connection beyond it gets a
+    /// 503 with an OpenAI error body and is closed at once, so that a flood
+    /// of connections cannot starve the clients already served.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +144,10 @@ impl Default for ServerConfig {
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(600),
             http_threads: 2,
+            header_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 512,
         }
     }
 }
@@ -143,6 +171,15 @@ impl ServerConfig {
         }
         if self.request_timeout.is_zero() {
             return bad("the request timeout must be positive");
+        }
+        if self.header_read_timeout.is_zero() || self.body_timeout.is_zero() {
+            return bad("the header and body timeouts must be positive");
+        }
+        if self.idle_timeout.is_zero() {
+            return bad("the idle timeout must be positive");
+        }
+        if self.max_connections == 0 {
+            return bad("the connection limit must be at least 1");
         }
         if self.model_id.is_empty() {
             return bad("the model id must not be empty");
@@ -243,11 +280,12 @@ impl Server {
                     source,
                 })?,
         );
+        let limits = ConnLimits::of(&app.config);
         let router = router(app);
         let spawned = std::thread::Builder::new()
             .name("lynx-http-main".into())
             .spawn(move || {
-                rt.block_on(serve_until_shutdown(listener, router, shutdown_rx));
+                rt.block_on(serve_until_shutdown(listener, router, shutdown_rx, limits));
                 // Forwarders of abandoned requests end when the loop lets go.
                 rt.shutdown_timeout(Duration::from_secs(1));
             });
@@ -313,22 +351,244 @@ impl Drop for Server {
     }
 }
 
-/// Serves until the shutdown signal, then lets open connections finish for
-/// at most [`SHUTDOWN_GRACE`]: graceful shutdown alone would wait for every
-/// connection, and a client that keeps one open must not hold the process.
-async fn serve_until_shutdown(listener: tokio::net::TcpListener, router: Router, shutdown: watch::Receiver<bool>) {
+/// The per-connection limits of the accept loop (see [`ServerConfig`]).
+#[derive(Clone, Copy, Debug)]
+struct ConnLimits {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    max_connections: usize,
+}
+
+impl ConnLimits {
+    fn of(config: &ServerConfig) -> ConnLimits {
+        ConnLimits {
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+            max_connections: config.max_connections,
+        }
+    }
+}
+
+/// Accepts connections until the shutdown signal, then lets open ones
+/// finish for at most [`SHUTDOWN_GRACE`]: a client that keeps a connection
+/// open must not hold the process.
+///
+/// The loop is hyper's HTTP/1 connection builder rather than `axum::serve`
+/// because that has no header-read timeout: each connection gets one (the
+/// slowloris guard), an idle watchdog (no request running and no bytes
+/// moving for `idle_timeout` closes it), and a permit from a semaphore of
+/// `max_connections`; a connection that finds none gets a 503 and is
+/// closed, so the accept loop itself never waits.
+async fn serve_until_shutdown(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: watch::Receiver<bool>,
+    limits: ConnLimits,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut stop = shutdown.clone();
-    let mut grace = shutdown;
-    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-        let _ = stop.wait_for(|s| *s).await;
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors and the like: back off briefly
+                // rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(serve_connection(
+                    stream,
+                    router.clone(),
+                    shutdown.clone(),
+                    limits,
+                    permit,
+                ));
+            }
+            Err(_) => {
+                tokio::spawn(refuse_connection(stream, limits.max_connections));
+            }
+        }
+    }
+    drop(listener);
+    // Every open connection holds a permit until it ends.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, permits.acquire_many(all)).await;
+}
+
+/// Answers a connection over the limit with a 503 and closes it, within a
+/// short bound so that a client that never reads cannot keep it.
+async fn refuse_connection(stream: tokio::net::TcpStream, max: usize) {
+    let body = ApiError::server(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the server has {max} connections open, its limit; retry later"),
+        "too_many_connections",
+    )
+    .body()
+    .to_string();
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         retry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut rest = reply.as_bytes();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while !rest.is_empty() {
+            if stream.writable().await.is_err() {
+                return;
+            }
+            match stream.try_write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+    // Dropping the socket closes it.
+}
+
+/// Serves one connection with the header-read timeout and the idle
+/// watchdog; `_permit` returns its place under the connection cap when it
+/// ends.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+    limits: ConnLimits,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let activity = Arc::new(Activity::new());
+    let io = hyper_util::rt::TokioIo::new(ActivityIo {
+        inner: stream,
+        activity: activity.clone(),
     });
-    let deadline = async move {
-        let _ = grace.wait_for(|s| *s).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    let running = activity.clone();
+    let router = hyper_util::service::TowerToHyperService::new(router);
+    let service = hyper::service::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
+        let response = hyper::service::Service::call(&router, req);
+        let running = running.clone();
+        async move {
+            // Counted from the call to the response's head: a long
+            // non-streamed generation moves no bytes but is not idle. A
+            // streamed body keeps bytes moving (its keep-alive comments).
+            running.requests.fetch_add(1, Ordering::SeqCst);
+            let response = response.await;
+            running.requests.fetch_sub(1, Ordering::SeqCst);
+            running.touch();
+            response
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let idle = async {
+        let check = (limits.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(check).await;
+            if activity.requests.load(Ordering::SeqCst) == 0 && activity.idle_for() >= limits.idle_timeout {
+                return;
+            }
+        }
     };
     tokio::select! {
-        _ = serve.into_future() => {}
-        _ = deadline => {}
+        _ = conn.as_mut() => {}
+        // Dropping the connection closes the socket.
+        _ = idle => {}
+        // The watch guard that `wait_for` returns is not `Send`, so it is
+        // dropped inside this block rather than held across the await below.
+        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await;
+        }
+    }
+}
+
+/// What a connection's idle watchdog watches: requests being answered, and
+/// when bytes last moved.
+struct Activity {
+    start: tokio::time::Instant,
+    /// Milliseconds after `start` of the last read or write.
+    last_ms: std::sync::atomic::AtomicU64,
+    requests: std::sync::atomic::AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: tokio::time::Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+            requests: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::SeqCst);
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::SeqCst)))
+    }
+}
+
+/// A socket that records in [`Activity`] when bytes last moved.
+struct ActivityIo {
+    inner: tokio::net::TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for ActivityIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for ActivityIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -390,6 +650,14 @@ async fn health(State(app): State<Shared>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "the server is shutting down",
             "shutting_down",
+        )
+        .into_response();
+    }
+    if let Some(why) = app.sched.failure() {
+        return ApiError::server(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}"),
+            "engine_failed",
         )
         .into_response();
     }
@@ -484,7 +752,7 @@ async fn expert_stream(State(app): State<Shared>) -> Response {
         },
     );
     let mut r = Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
+        .keep_alive(KeepAlive::new().interval(sse_keep_alive(&app.config)))
         .into_response();
     // The stream is read-only and public to whoever reaches the port, so a
     // browser viewer served from another origin may attach too.
@@ -500,9 +768,9 @@ enum Endpoint {
     Completion,
 }
 
-async fn chat_completions(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat_completions(State(app): State<Shared>, request: Request) -> Response {
     let result = async {
-        let body = body.map_err(|r| body_error(&app, r))?;
+        let body = read_body(&app, request).await?;
         let req = parse_chat_request(&body, &app.rules)?;
         let tok = app.tok.clone();
         let ids = blocking(move || encode_chat(&tok, &req.messages)).await??;
@@ -512,9 +780,9 @@ async fn chat_completions(State(app): State<Shared>, body: Result<Bytes, BytesRe
     app.reply(result)
 }
 
-async fn completions(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn completions(State(app): State<Shared>, request: Request) -> Response {
     let result = async {
-        let body = body.map_err(|r| body_error(&app, r))?;
+        let body = read_body(&app, request).await?;
         let req = parse_completion_request(&body, &app.rules)?;
         let ids = match req.prompt {
             Prompt::Tokens(ids) => {
@@ -564,6 +832,23 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
             "internal_error",
         )
     })
+}
+
+/// Reads a request's body within `--body-timeout` (and the body limit that
+/// `DefaultBodyLimit` put on the request): a client that trickles or stalls
+/// its body gets 408 instead of holding the connection.
+async fn read_body(app: &App, request: Request) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(app.config.body_timeout, Bytes::from_request(request, &())).await {
+        Ok(body) => body.map_err(|r| body_error(app, r)),
+        Err(_) => Err(ApiError::server(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within this server's body timeout of {:?}",
+                app.config.body_timeout
+            ),
+            "body_timeout",
+        )),
+    }
 }
 
 /// The error for a body axum could not read: too large (413) or broken.
@@ -644,6 +929,11 @@ impl App {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the server is shutting down",
                 "shutting_down",
+            ),
+            SubmitError::Failed(why) => ApiError::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the engine failed and the server cannot run requests: {why}"),
+                "engine_failed",
             ),
             SubmitError::Invalid(why) => ApiError::invalid(param, why),
         })?;
@@ -819,6 +1109,7 @@ impl InFlight {
     /// The SSE response. If the client leaves, hyper drops the stream and
     /// the guard with it.
     fn stream(self) -> Response {
+        let keep_alive = sse_keep_alive(&self.app.config);
         let mut queue = std::collections::VecDeque::new();
         if self.shape.endpoint == Endpoint::Chat {
             queue.push_back(data(&self.shape.chunk(None, None)));
@@ -862,7 +1153,7 @@ impl InFlight {
             }
         });
         Sse::new(stream)
-            .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
+            .keep_alive(KeepAlive::new().interval(keep_alive))
             .into_response()
     }
 }

@@ -109,7 +109,7 @@ pub fn eval_cmd(args: &EvalArgs) -> anyhow::Result<()> {
         );
     };
     let policies = requested.unwrap_or_else(|| default_policies(moe.top_k));
-    let gpu = super::upload_to_gpu(&lm)?;
+    let gpu = super::upload_to_gpu(&lm, super::open_gpu_for("eval")?)?;
 
     let bar = io::stderr().is_terminal().then(|| {
         let pb = ProgressBar::new(1);

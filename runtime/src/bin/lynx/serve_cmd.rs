@@ -25,8 +25,9 @@ pub struct ServeArgs {
     /// A Hugging Face checkpoint directory or a .gguf file [default: the
     /// default model].
     pub model: Option<PathBuf>,
-    /// Where to run the model.
-    #[arg(long, value_enum, default_value_t = super::Device::Gpu)]
+    /// Where to run the model: auto (the GPU engine, or the CPU engine with
+    /// a notice when this machine has no GPU adapter), gpu or cpu.
+    #[arg(long, value_enum, default_value_t = super::Device::Auto)]
     pub device: super::Device,
     /// Re-store the weight matrices in this format after loading.
     #[arg(long, value_enum)]
@@ -71,6 +72,22 @@ pub struct ServeArgs {
     /// running then ends with an error and frees its slot.
     #[arg(long, default_value_t = 600.0, value_name = "SECONDS")]
     pub request_timeout: f64,
+    /// Seconds a client has to send a request's line and headers; a slower
+    /// one (e.g. a slowloris that sends half a request line and stalls) is
+    /// disconnected.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub header_timeout: f64,
+    /// Seconds a client has to send a request's body after its headers; a
+    /// slower one gets 408.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub body_timeout: f64,
+    /// Seconds a keep-alive connection may stay open with no request
+    /// running and no bytes moving before it is closed.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    pub idle_timeout: f64,
+    /// The most connections open at once; more get a 503 and are closed.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
     /// Instead of serving, measure the server over loopback with these
     /// numbers of concurrent streaming clients (comma-separated), for each
     /// policy in --experts, and print requests/s and latency percentiles.
@@ -91,6 +108,19 @@ impl ServeArgs {
         if !(self.request_timeout.is_finite() && self.request_timeout > 0.0) {
             bail!("--request-timeout must be a positive number of seconds");
         }
+        for (flag, v) in [
+            ("--header-timeout", self.header_timeout),
+            ("--body-timeout", self.body_timeout),
+            ("--idle-timeout", self.idle_timeout),
+        ] {
+            // A bound keeps Duration::from_secs_f64 from panicking.
+            if !(v.is_finite() && v > 0.0 && v <= 1e9) {
+                bail!("{flag} must be a positive number of seconds");
+            }
+        }
+        if self.max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
         let config = ServerConfig {
             addr: SocketAddr::new(self.host, self.port),
             model_id,
@@ -104,6 +134,10 @@ impl ServeArgs {
             max_prompt_tokens: self.max_prompt_tokens,
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_secs_f64(self.request_timeout),
+            header_read_timeout: Duration::from_secs_f64(self.header_timeout),
+            body_timeout: Duration::from_secs_f64(self.body_timeout),
+            idle_timeout: Duration::from_secs_f64(self.idle_timeout),
+            max_connections: self.max_connections,
             ..ServerConfig::default()
         };
         config.validate()?;
@@ -165,6 +199,14 @@ pub fn serve_cmd(args: &ServeArgs) -> anyhow::Result<()> {
     };
     // Check the limits before the slow load.
     args.config(model_id.clone(), &policies[0])?;
+    if args.device == super::Device::Cpu && policies.iter().any(|p| !p.is_exact()) {
+        bail!("the CPU reference routes exactly; expert policies other than `exact` need `--device gpu`");
+    }
+    let needs_gpu = policies
+        .iter()
+        .find(|p| !p.is_exact())
+        .map(|p| format!("--experts {p}"));
+    let ctx = super::open_gpu(args.device, needs_gpu.as_deref())?;
     let mut lm = super::load_model(&path)?;
     if let Some(q) = args.quant {
         lm.model
@@ -178,11 +220,8 @@ pub fn serve_cmd(args: &ServeArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow!("the model has no tokenizer"))?,
     );
 
-    match args.device {
-        super::Device::Cpu => {
-            if policies.iter().any(|p| !p.is_exact()) {
-                bail!("the CPU reference routes exactly; expert policies other than `exact` need `--device gpu`");
-            }
+    match ctx {
+        None => {
             let engine = Arc::new(lm.model);
             if args.bench.is_empty() {
                 serve(args.config(model_id, &policies[0])?, engine, tok, None)
@@ -190,8 +229,8 @@ pub fn serve_cmd(args: &ServeArgs) -> anyhow::Result<()> {
                 bench(args, &model_id, engine, tok, &policies, |_| Ok(()), || None)
             }
         }
-        super::Device::Gpu => {
-            let gpu = Arc::new(super::upload_to_gpu(&lm)?);
+        Some(ctx) => {
+            let gpu = Arc::new(super::upload_to_gpu(&lm, ctx)?);
             drop(lm);
             if args.bench.is_empty() {
                 gpu.set_policy(policies[0])
