@@ -1674,17 +1674,17 @@ pub(crate) mod tests {
 
     #[test]
     fn unsupported_type_is_listed_and_named() {
-        // Q4_K: 256 values per 144-byte block.
-        let g = parse_bytes(one_tensor_file(&[256, 2], 12, 0, 288)).unwrap();
+        // IQ4_XS: 256 values per 136-byte block, listed but not decoded.
+        let g = parse_bytes(one_tensor_file(&[256, 2], 23, 0, 272)).unwrap();
         let info = &g.tensors[0];
         assert_eq!(info.dtype, None);
-        assert_eq!(info.type_name(), "Q4_K");
+        assert_eq!(info.type_name(), "IQ4_XS");
         assert_eq!(info.shape, vec![2, 256]);
-        assert_eq!(info.nbytes, 288);
+        assert_eq!(info.nbytes, 272);
         match g.tensor("w") {
             Err(Error::DType { name, dtype, .. }) => {
                 assert_eq!(name, "w");
-                assert!(dtype.contains("Q4_K"), "{dtype}");
+                assert!(dtype.contains("IQ4_XS"), "{dtype}");
             }
             other => panic!("expected DType error, got {other:?}"),
         }
