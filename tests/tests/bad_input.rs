@@ -240,15 +240,58 @@ fn gguf_with_metadata(
     let m = load(&fixtures_dir().join("mixtral")).unwrap();
     let good = dir.join("good.gguf");
     lynx::export::write_model_gguf(&m, lynx::DType::Q8_0, &good).unwrap();
-    let file = lynx::gguf::GgufFile::open(&good).unwrap();
+    rewrite_gguf(&good, tag, edit)
+}
+
+/// Copies the GGUF at `src` with its metadata changed by `edit`.
+fn rewrite_gguf(
+    src: &std::path::Path,
+    tag: &str,
+    edit: impl Fn(&mut std::collections::BTreeMap<String, lynx::gguf::GgufValue>),
+) -> std::path::PathBuf {
+    let file = lynx::gguf::GgufFile::open(src).unwrap();
     let mut meta = file.metadata.clone();
     edit(&mut meta);
     let tensors: Vec<lynx::QTensor> = file.tensors.iter().map(|t| file.tensor(&t.name).unwrap()).collect();
     let refs: Vec<&lynx::QTensor> = tensors.iter().collect();
     let meta: Vec<(String, lynx::gguf::GgufValue)> = meta.into_iter().collect();
-    let bad = dir.join("bad.gguf");
+    let bad = temp_dir(tag).join("bad.gguf");
     lynx::gguf::write_gguf(&bad, &meta, &refs).unwrap();
     bad
+}
+
+/// llama.cpp-style files (the K-quant fixtures of `gguf_archs.rs`) whose
+/// metadata asks for something Lynx does not run: the error names the key
+/// and says what is supported instead of loading a wrong model.
+#[test]
+fn unsupported_gguf_features_name_the_key() {
+    use lynx::gguf::GgufValue::{self as V, U32};
+    let src = fixtures_dir().join("gguf/qwen3moe.gguf");
+    let cases: [(&str, &str, Option<lynx::gguf::GgufValue>, &str); 5] = [
+        ("u-no-experts", "qwen3moe.expert_count", None, "this architecture has experts"),
+        ("u-yarn", "qwen3moe.rope.scaling.type", Some(V::String("yarn".into())), "rope scaling `yarn`"),
+        ("u-partial-rope", "qwen3moe.rope.dimension_count", Some(U32(32)), "partial rotary"),
+        ("u-value-length", "qwen3moe.attention.value_length", Some(U32(32)), "differs from the key length"),
+        ("u-arch", "general.architecture", Some(V::String("gemma3".into())), "qwen3moe"),
+    ];
+    for (tag, key, value, want) in cases {
+        let path = rewrite_gguf(&src, tag, |m| match &value {
+            Some(v) => {
+                m.insert(key.to_string(), v.clone());
+            }
+            None => {
+                m.remove(key);
+            }
+        });
+        let e = load_err(&path).to_string();
+        assert!(e.contains(want), "{tag}: {e}");
+        if tag == "u-arch" {
+            // The supported list is in the message, and the bad value too.
+            assert!(e.contains("gemma3"), "{tag}: {e}");
+        } else {
+            assert!(e.contains(key), "{tag}: the error should name `{key}`: {e}");
+        }
+    }
 }
 
 #[test]

@@ -107,7 +107,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     }
     let num_layers = u("block_count")?;
     let experts = opt("expert_count")?.filter(|&e| e > 0);
-    if experts.is_none() && moe_arch != dense {
+    // The MoE families have no dense variant (llama has both, qwen2/qwen3
+    // only the dense one).
+    let moe_only = matches!(arch, "qwen2moe" | "qwen3moe" | "olmoe");
+    if experts.is_none() && moe_only {
         return Err(bad("expert_count", "missing (this architecture has experts)".into()));
     }
     // MoE-only families may leave the dense FFN size out.
