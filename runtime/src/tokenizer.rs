@@ -1152,7 +1152,7 @@ mod tests {
     }
 
     /// Compares with the ids transformers produced from the same GGUF
-    /// (models/fixtures/smollm2_golden.json, written by make_smollm2_golden.py).
+    /// (models/fixtures/smollm2_golden.json, written by make_real_golden.py).
     #[test]
     fn smollm2_gguf_tokenizer_matches_transformers() {
         let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures/smollm2_golden.json");
