@@ -614,6 +614,8 @@ impl Tokenizer {
             return Err(err(format!("decoder {} is not ByteLevel", json["decoder"])));
         }
         let pre = match &self.gguf_pre {
+            // Files written by earlier Lynx versions say `gpt2`.
+            Some(p) if p == "gpt2" => "gpt-2".to_string(),
             Some(p) => p.clone(),
             None => gguf_pre_name(&json["pre_tokenizer"]).ok_or_else(|| {
                 err(format!(
@@ -711,8 +713,10 @@ fn gguf_pre_name(pt: &serde_json::Value) -> Option<String> {
             && v["use_regex"].as_bool().unwrap_or(true) == regex
             && !v["add_prefix_space"].as_bool().unwrap_or(false)
     };
+    // llama.cpp spells GPT-2's pre-tokenizer `gpt-2` and refuses `gpt2`;
+    // any name the reader does not know gets GPT-2's regex, so both load here.
     if is_byte_level(pt, true) {
-        return Some("gpt2".into());
+        return Some("gpt-2".into());
     }
     if pt["type"].as_str() != Some("Sequence") {
         return None;
@@ -1140,7 +1144,7 @@ mod tests {
     #[test]
     fn gguf_pre_names_for_tokenizer_json_pre_tokenizers() {
         let bl = |regex: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": regex});
-        assert_eq!(gguf_pre_name(&bl(true)).as_deref(), Some("gpt2"));
+        assert_eq!(gguf_pre_name(&bl(true)).as_deref(), Some("gpt-2"));
         let digits = serde_json::json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, bl(true)]});
         assert_eq!(gguf_pre_name(&digits).as_deref(), Some("smollm"));

@@ -187,3 +187,118 @@ fn assert_close_to_quantised(a: &lynx::QTensor, b: &lynx::QTensor, dtype: lynx::
         }
     }
 }
+
+/// Every architecture written as GGUF in llama.cpp's layout for it
+/// (`qwen2moe`, `qwen3moe`, `olmoe`, `llama` with Mixtral experts: biases,
+/// q/k norms, shared experts and their gate, rope pairing) and read back
+/// in F32: the logits still match transformers to `TOL`.
+#[test]
+fn gguf_export_round_trips_every_architecture() {
+    for fixture in FIXTURES {
+        let m = load(&fixtures_dir().join(fixture)).unwrap();
+        let golden = read_golden(fixture);
+        let path = lynx_tests::temp_dir(&format!("gguf-all-{fixture}")).join("f32.gguf");
+        let report = lynx::export::write_model_gguf(&m, lynx::DType::F32, &path).unwrap();
+        assert!(report.fallbacks.is_empty(), "{fixture}: {:?}", report.fallbacks);
+        let g = load(&path).unwrap_or_else(|e| panic!("{fixture}: {e}"));
+        let (a, b) = (&m.model.config, &g.model.config);
+        assert_eq!(
+            (a.arch, &a.moe, a.qk_norm, a.attention_bias, a.clip_qkv, a.head_dim),
+            (b.arch, &b.moe, b.qk_norm, b.attention_bias, b.clip_qkv, b.head_dim),
+            "{fixture}: configuration survives"
+        );
+        let file = lynx::gguf::GgufFile::open(&path).unwrap();
+        assert_eq!(file.get_str("general.architecture").unwrap(), report.arch);
+        for (i, seq) in golden.iter().enumerate() {
+            let mut s = g.model.new_sequence();
+            let got = g
+                .model
+                .forward(&mut [(&mut s, &seq.ids[..])], Logits::All)
+                .unwrap()
+                .remove(0);
+            let (err, at) = max_abs_diff(&got, &seq.logits);
+            eprintln!("{fixture} ({}) as F32 GGUF: sequence {i}: max |err| = {err:.2e}", report.arch);
+            assert!(err <= TOL, "{fixture} seq {i}: |err| {err} at {at}");
+        }
+    }
+}
+
+/// `--to q4_k --embedding q8_0` on a model whose rows are 64 values: no
+/// matrix is dropped or refused; each falls back to Q5_0 as llama.cpp's
+/// quantiser does, the report names them, and the embedding is Q8_0.
+#[test]
+fn gguf_export_falls_back_for_rows_that_are_not_whole_blocks() {
+    let m = load(&fixtures_dir().join("qwen2_moe")).unwrap();
+    let path = lynx_tests::temp_dir("gguf-fallback").join("q4_k.gguf");
+    let opts = lynx::export::ExportOptions {
+        dtype: lynx::DType::Q4_K,
+        embedding: Some(lynx::DType::Q8_0),
+    };
+    let report = lynx::export::write_model_gguf_with(&m, opts, &path, &mut |_, _| {}).unwrap();
+    let g = load(&path).unwrap();
+    let dtype_of = |name: &str| {
+        g.tensors
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .dtype
+            .clone()
+    };
+    assert_eq!(dtype_of("token_embd.weight"), "Q8_0");
+    assert_eq!(dtype_of("blk.0.attn_q.weight"), "Q5_0");
+    assert_eq!(dtype_of("blk.0.attn_q.bias"), "F32");
+    assert_eq!(dtype_of("blk.0.ffn_gate_exps.weight"), "Q5_0");
+    assert_eq!(dtype_of("blk.0.ffn_gate_inp_shexp.weight"), "F32");
+    assert!(
+        report
+            .fallbacks
+            .iter()
+            .any(|(n, dt, why)| n == "blk.0.attn_q.weight" && *dt == lynx::DType::Q5_0 && why.contains("64 values")),
+        "{:?}",
+        report.fallbacks
+    );
+    assert_eq!(g.tensors.len(), report.tensors);
+}
+
+/// Re-quantising a llama.cpp file with 256-value rows to each K-quant (and
+/// Q8_0): the writers round-trip through the reader, and the logits' error
+/// grows as the formats get smaller. Random weights amplify weight error
+/// (see `gguf_export_round_trips`); measured NMSE: Q8_0 2.5e-4, Q6_K 4.7e-3,
+/// Q5_K 1.7e-2, Q4_K 7.2e-2 (Q4_0: 8.7e-2), Q3_K 0.26, Q2_K 0.81. The
+/// bounds leave about 3x; per-weight accuracy is tested in `tensor.rs`.
+#[test]
+fn gguf_export_writes_k_quants() {
+    use lynx::DType::*;
+    let src = fixtures_dir().join("gguf/qwen2.gguf");
+    let m = load(&src).unwrap();
+    let bytes = std::fs::read(fixtures_dir().join("gguf/qwen2.golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<u32> = st
+        .tensor("input_ids.1")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    let want = lynx_tests::f32s(st.tensor("logits.1").unwrap().data());
+    let mut last = 0.0;
+    for (dtype, nmse_tol) in [(Q8_0, 1e-3), (Q6_K, 1.5e-2), (Q5_K, 5e-2), (Q4_K, 0.2), (Q3_K, 0.8), (Q2_K, 2.5)] {
+        let out = lynx_tests::temp_dir(&format!("gguf-k-{dtype}")).join("out.gguf");
+        let report = lynx::export::write_model_gguf(&m, dtype, &out).unwrap();
+        assert!(report.fallbacks.is_empty(), "{dtype}: {:?}", report.fallbacks);
+        let g = load(&out).unwrap();
+        assert!(
+            g.tensors
+                .iter()
+                .any(|t| t.name == "blk.0.ffn_down.weight" && t.dtype == dtype.to_string()),
+            "{dtype}: ffn_down is stored as {dtype}"
+        );
+        let mut s = g.model.new_sequence();
+        let got = g.model.forward(&mut [(&mut s, &ids[..])], Logits::All).unwrap().remove(0);
+        let e2 = nmse(&got, &want);
+        eprintln!("qwen2 GGUF re-quantised to {dtype}: NMSE {e2:.2e}");
+        assert!(e2 <= nmse_tol, "{dtype}: NMSE {e2} > {nmse_tol}");
+        assert!(e2 > last, "{dtype}: NMSE {e2} is not above the larger format's {last}");
+        last = e2;
+    }
+}

@@ -64,17 +64,26 @@ enum Command {
     /// completions, streamed or not, with continuous batching), or with
     /// `--bench` measure that server under load.
     Serve(serve_cmd::ServeArgs),
-    /// Write a model as a GGUF file with its matrices quantised, so the next
-    /// load is fast and small (llama and mixtral models).
+    /// Write a model as a GGUF file in llama.cpp's layout with its matrices
+    /// quantised, so the next load is fast and small (every supported
+    /// architecture; the file also loads in llama.cpp).
     Quantize {
         /// A Hugging Face checkpoint directory or a .gguf file.
         model: PathBuf,
         /// Output .gguf file.
         #[arg(short, long)]
         output: PathBuf,
-        /// Storage format of the weight matrices (norms and routers stay f32).
-        #[arg(long, value_enum, default_value_t = QuantFormat::Q8_0)]
-        to: QuantFormat,
+        /// Storage format of the weight matrices (norms, biases and routers
+        /// stay f32): f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k,
+        /// q3_k, q4_k, q5_k or q6_k. Rows that are not whole blocks fall
+        /// back as llama.cpp's do (q4_k to q5_0, q6_k to q8_0, ...).
+        #[arg(long, value_parser = parse_export_dtype, default_value = "q8_0")]
+        to: lynx::DType,
+        /// Storage format of the token embedding and LM head, which every
+        /// token reads (e.g. q8_0 or q6_k beside `--to q4_k`) [default: as
+        /// --to].
+        #[arg(long, value_parser = parse_export_dtype)]
+        embedding: Option<lynx::DType>,
     },
 }
 
@@ -381,7 +390,16 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect { model } => inspect(&model),
         Command::Generate(args) => generate_cmd(&args),
         Command::Chat(args) => chat_cmd(&args),
-        Command::Quantize { model, output, to } => quantize_cmd(&model, &output, to.into()),
+        Command::Quantize {
+            model,
+            output,
+            to,
+            embedding,
+        } => quantize_cmd(
+            &model,
+            &output,
+            lynx::export::ExportOptions { dtype: to, embedding },
+        ),
         Command::Bench(args) => bench_cmd(&args),
         Command::Eval(args) => eval_cmd::eval_cmd(&args),
         Command::Web(args) => web_cmd::web_cmd(&args),
@@ -389,21 +407,59 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn quantize_cmd(model: &Path, output: &Path, dtype: lynx::DType) -> anyhow::Result<()> {
+/// A `--to`/`--embedding` value: one of the formats the GGUF writer takes,
+/// by its lower-case name.
+fn parse_export_dtype(s: &str) -> Result<lynx::DType, String> {
+    let names = || lynx::export::EXPORT_DTYPES.iter().map(|d| d.name().to_lowercase());
+    lynx::export::EXPORT_DTYPES
+        .into_iter()
+        .find(|d| d.name().eq_ignore_ascii_case(s))
+        .ok_or_else(|| format!("unknown format `{s}`; one of {}", names().collect::<Vec<_>>().join(", ")))
+}
+
+fn quantize_cmd(model: &Path, output: &Path, opts: lynx::export::ExportOptions) -> anyhow::Result<()> {
     if output.exists() && output.is_dir() {
         anyhow::bail!("output {} is a directory; give a .gguf file name", output.display());
     }
     let loaded = load_model(model)?;
     let start = Instant::now();
-    lynx::export::write_model_gguf(&loaded, dtype, output)
-        .with_context(|| format!("failed to write {}", output.display()))?;
+    let bar = io::stderr().is_terminal().then(|| {
+        let pb = ProgressBar::new(loaded.model.layers.len() as u64);
+        if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers ({elapsed})") {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_message(format!("quantising to {}", opts.dtype));
+        pb
+    });
+    let report = lynx::export::write_model_gguf_with(&loaded, opts, output, &mut |done, _| {
+        if let Some(pb) = &bar {
+            pb.set_position(done as u64);
+        }
+    })
+    .with_context(|| format!("failed to write {}", output.display()))?;
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
     let bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    let emb = opts.embedding.map(|e| format!(", embedding {e}")).unwrap_or_default();
     eprintln!(
-        "wrote {} ({dtype}, {:.1} MiB) in {:.1}s",
+        "wrote {} ({} architecture, {} tensors, {}{emb}, {:.1} MiB) in {:.1}s",
         output.display(),
+        report.arch,
+        report.tensors,
+        opts.dtype,
         bytes as f64 / (1024.0 * 1024.0),
         start.elapsed().as_secs_f64()
     );
+    if !report.fallbacks.is_empty() {
+        eprintln!("{} matrices are stored in another format:", report.fallbacks.len());
+        for (name, dt, why) in report.fallbacks.iter().take(8) {
+            eprintln!("  {name}: {dt} ({why})");
+        }
+        if report.fallbacks.len() > 8 {
+            eprintln!("  ... and {} more", report.fallbacks.len() - 8);
+        }
+    }
     Ok(())
 }
 
