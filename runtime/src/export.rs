@@ -55,22 +55,8 @@ pub struct ExportReport {
     pub fallbacks: Vec<(String, DType, String)>,
 }
 
-/// The formats a matrix can be written in.
-pub const EXPORT_DTYPES: [DType; 13] = [
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::Q8_0,
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::Q2_K,
-    DType::Q3_K,
-    DType::Q4_K,
-    DType::Q5_K,
-    DType::Q6_K,
-];
+/// The formats a matrix can be written in: every format Lynx decodes.
+pub const EXPORT_DTYPES: [DType; 13] = DType::ALL;
 
 /// llama.cpp's substitute for a K-quant on rows that are not whole 256-value
 /// super-blocks (`llama_tensor_get_type`'s fallback): the 32-value format of

@@ -9,10 +9,12 @@ fn fixtures() -> PathBuf {
 }
 
 fn lynx(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lynx"))
-        .args(args)
-        .output()
-        .expect("run lynx");
+    run(Command::new(env!("CARGO_BIN_EXE_lynx")).args(args))
+}
+
+/// Runs the command to completion: exit code, stdout, stderr.
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().expect("run lynx");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -149,18 +151,11 @@ fn generate_writes_a_trace_of_every_step() {
 /// is Vulkan, and the Vulkan loader is pointed at a driver list that does
 /// not exist.
 fn lynx_without_gpu(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lynx"))
+    run(Command::new(env!("CARGO_BIN_EXE_lynx"))
         .args(args)
         .env("WGPU_BACKEND", "vulkan")
         .env("VK_ICD_FILENAMES", "/nonexistent.json")
-        .env("VK_DRIVER_FILES", "/nonexistent.json")
-        .output()
-        .expect("run lynx");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+        .env("VK_DRIVER_FILES", "/nonexistent.json"))
 }
 
 #[test]

@@ -29,9 +29,13 @@ pub struct GoldenSeq {
     pub logits: Vec<f32>,
 }
 
-/// Reads `golden.safetensors`: `input_ids.{i}` (I32) and `logits.{i}` (F32).
+/// Reads a fixture's `golden.safetensors`.
 pub fn read_golden(fixture: &str) -> Vec<GoldenSeq> {
-    let path = fixtures_dir().join(fixture).join("golden.safetensors");
+    read_golden_file(&fixtures_dir().join(fixture).join("golden.safetensors"))
+}
+
+/// Reads a golden file: `input_ids.{i}` (I32) and `logits.{i}` (F32).
+pub fn read_golden_file(path: &Path) -> Vec<GoldenSeq> {
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out = Vec::new();

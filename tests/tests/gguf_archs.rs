@@ -20,7 +20,7 @@
 use lynx::config::Arch;
 use lynx::gpu::GpuModel;
 use lynx::{DType, Logits};
-use lynx_tests::{GoldenSeq, f32s, fixtures_dir, max_abs_diff};
+use lynx_tests::{GoldenSeq, fixtures_dir, max_abs_diff, read_golden_file};
 
 const TOL: f32 = 1e-4;
 
@@ -36,26 +36,7 @@ const GGUF_FIXTURES: [(&str, Arch); 6] = [
 ];
 
 fn golden(name: &str) -> Vec<GoldenSeq> {
-    let path = fixtures_dir().join("gguf").join(format!("{name}.golden.safetensors"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut out = Vec::new();
-    for i in 0.. {
-        let Ok(ids) = st.tensor(&format!("input_ids.{i}")) else {
-            break;
-        };
-        let logits = st.tensor(&format!("logits.{i}")).expect("logits beside input_ids");
-        out.push(GoldenSeq {
-            ids: ids
-                .data()
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
-                .collect(),
-            logits: f32s(logits.data()),
-        });
-    }
-    assert!(!out.is_empty(), "{}: no sequences", path.display());
-    out
+    read_golden_file(&fixtures_dir().join("gguf").join(format!("{name}.golden.safetensors")))
 }
 
 fn load(name: &str) -> lynx::loader::LoadedModel {

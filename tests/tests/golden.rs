@@ -271,16 +271,8 @@ fn gguf_export_writes_k_quants() {
     use lynx::DType::*;
     let src = fixtures_dir().join("gguf/qwen2.gguf");
     let m = load(&src).unwrap();
-    let bytes = std::fs::read(fixtures_dir().join("gguf/qwen2.golden.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<u32> = st
-        .tensor("input_ids.1")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    let want = lynx_tests::f32s(st.tensor("logits.1").unwrap().data());
+    let golden = lynx_tests::read_golden_file(&fixtures_dir().join("gguf/qwen2.golden.safetensors"));
+    let (ids, want) = (&golden[1].ids, &golden[1].logits);
     let mut last = 0.0;
     for (dtype, nmse_tol) in [(Q8_0, 1e-3), (Q6_K, 1.5e-2), (Q5_K, 5e-2), (Q4_K, 0.2), (Q3_K, 0.8), (Q2_K, 2.5)] {
         let out = lynx_tests::temp_dir(&format!("gguf-k-{dtype}")).join("out.gguf");
@@ -295,7 +287,7 @@ fn gguf_export_writes_k_quants() {
         );
         let mut s = g.model.new_sequence();
         let got = g.model.forward(&mut [(&mut s, &ids[..])], Logits::All).unwrap().remove(0);
-        let e2 = nmse(&got, &want);
+        let e2 = nmse(&got, want);
         eprintln!("qwen2 GGUF re-quantised to {dtype}: NMSE {e2:.2e}");
         assert!(e2 <= nmse_tol, "{dtype}: NMSE {e2} > {nmse_tol}");
         assert!(e2 > last, "{dtype}: NMSE {e2} is not above the larger format's {last}");

@@ -609,7 +609,7 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<()> {
     if args.kernels {
         println!();
         println!("GEMV 4096x4096, T=1 (weight bytes read per second):");
-        for dtype in [lynx::DType::Q8_0, lynx::DType::Q4_0] {
+        for dtype in lynx::DType::ALL.into_iter().filter(|d| d.is_quantized()) {
             let (gs, gbw) = lynx::gpu::bench_matmul(&gpu.ctx, dtype, 4096, 4096, 1, 20)?;
             let (cs, cbw) = lynx::gpu::bench_cpu_matmul(dtype, 4096, 4096, 1, 20);
             println!(
