@@ -90,6 +90,42 @@ fn bad_input_exits_with_a_clear_error() {
     }
 }
 
+/// `lynx quantize` writes a Qwen2-MoE (biases, shared expert) in
+/// llama.cpp's `qwen2moe` layout; its 64-value rows cannot hold Q4_K
+/// super-blocks, so they fall back to Q5_0 and the command says so; the
+/// file loads back. An unknown format is refused with the list.
+#[test]
+fn quantize_writes_llama_cpp_layouts_and_reports_fallbacks() {
+    let dir = std::env::temp_dir().join(format!("lynx-cli-quantize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("qwen2moe.gguf");
+    let model = fixtures().join("qwen2_moe");
+    let (code, _, err) = lynx(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "--to",
+        "q4_k",
+        "--embedding",
+        "q8_0",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("qwen2moe architecture") && err.contains("embedding Q8_0"), "{err}");
+    assert!(
+        err.contains("blk.0.attn_q.weight: Q5_0 (rows of 64 values are not whole Q4_K blocks)"),
+        "{err}"
+    );
+    let (code, inspect, err) = lynx(&["inspect", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(inspect.contains("qwen2_moe") && inspect.contains("Q5_0"), "{inspect}");
+
+    let (code, _, err) = lynx(&["quantize", model.to_str().unwrap(), "--to", "iq4_xs", "-o", out.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown format `iq4_xs`") && err.contains("q4_k"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn prompt_over_the_context_length_is_refused() {
     let gguf = lynx::loader::smollm2_gguf_path();
