@@ -2,7 +2,8 @@
 //! architecture (`llama` for Llama and Mixtral, `qwen2`, `qwen3`,
 //! `qwen2moe`, `qwen3moe`, `olmoe`), quantising its matrices.
 //! `lynx quantize` uses this so that the next load is fast and small, and
-//! so that the file also runs in llama.cpp.
+//! so that other GGUF readers take the file (transformers' GGUF loader
+//! reads the Qwen2.5 file it writes; llama.cpp itself is not run in tests).
 //!
 //! Tensor names, metadata keys and the rope pairing are the ones
 //! `arch::gguf_names` reads back, so every file we write round-trips.

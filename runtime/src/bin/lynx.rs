@@ -64,9 +64,9 @@ enum Command {
     /// completions, streamed or not, with continuous batching), or with
     /// `--bench` measure that server under load.
     Serve(serve_cmd::ServeArgs),
-    /// Write a model as a GGUF file in llama.cpp's layout with its matrices
-    /// quantised, so the next load is fast and small (every supported
-    /// architecture; the file also loads in llama.cpp).
+    /// Write a model as a GGUF file in llama.cpp's layout for its
+    /// architecture, with its matrices quantised, so the next load is fast
+    /// and small.
     Quantize {
         /// A Hugging Face checkpoint directory or a .gguf file.
         model: PathBuf,
