@@ -18,8 +18,9 @@ pub const MAX_LAYERS: usize = 4096;
 /// sequence actually uses, so this only guards arithmetic on the value.
 pub const MAX_CONTEXT: usize = 1 << 24;
 /// The largest number of elements of the embedding matrix (hidden × vocab):
-/// 2^34 f32 values are 64 GiB, beyond any model this runtime can hold.
-pub const MAX_EMBEDDING_ELEMS: usize = 1 << 34;
+/// 2^34 f32 values are 64 GiB, beyond any model this runtime can hold. A
+/// u64, because wasm32's usize cannot hold it.
+pub const MAX_EMBEDDING_ELEMS: u64 = 1 << 34;
 /// The largest number of routed experts accepted.
 pub const MAX_EXPERTS: usize = 1 << 16;
 
@@ -231,7 +232,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.hidden_size.saturating_mul(self.vocab_size) > MAX_EMBEDDING_ELEMS {
+        if (self.hidden_size as u64).saturating_mul(self.vocab_size as u64) > MAX_EMBEDDING_ELEMS {
             return Err(err(
                 "vocab_size",
                 format!(
