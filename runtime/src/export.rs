@@ -160,9 +160,9 @@ pub fn write_model_gguf_with(
     // A matrix in `want`, its rows reordered by `rows`.
     let mut conv = |name: String, t: &QTensor, want: DType, rows: Option<&[usize]>| -> QTensor {
         let cols = t.cols();
-        let dt = if cols.is_multiple_of(want.block().0) {
+        let dt = if want.fits_cols(cols) {
             want
-        } else if let Some(f) = row_fallback(want).filter(|f| cols.is_multiple_of(f.block().0)) {
+        } else if let Some(f) = row_fallback(want).filter(|f| f.fits_cols(cols)) {
             report.fallbacks.push((name.clone(), f, format!("rows of {cols} values are not whole {want} blocks")));
             f
         } else {

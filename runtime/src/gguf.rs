@@ -1329,7 +1329,7 @@ pub fn write_gguf(path: &Path, metadata: &[(String, GgufValue)], tensors: &[&QTe
             )));
         }
         let (bv, _) = t.dtype.block();
-        if t.cols() % bv != 0 {
+        if !t.dtype.fits_cols(t.cols()) {
             return Err(invalid(format!(
                 "tensor `{}`: last dimension {} is not a multiple of the {} block size {bv}",
                 t.name,

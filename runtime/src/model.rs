@@ -355,7 +355,7 @@ impl Model {
             return Err(Error::InvalidArgument(format!("cannot re-store weights as {dtype}")));
         }
         let conv = |t: &mut QTensor| {
-            if t.dtype != dtype && t.cols().is_multiple_of(dtype.block().0) {
+            if t.dtype != dtype && dtype.fits_cols(t.cols()) {
                 let vals = t.to_f32();
                 *t = QTensor::from_bytes(t.name.clone(), dtype, t.shape.clone(), quantize(dtype, &vals));
             }

@@ -103,7 +103,7 @@ impl DType {
     /// Whether a row of `cols` values is whole blocks of this format (a
     /// K-quant row needs a multiple of 256, the others of 32 or 1).
     pub fn fits_cols(self, cols: usize) -> bool {
-        cols % self.block().0 == 0
+        cols.is_multiple_of(self.block().0)
     }
 
     pub fn name(self) -> &'static str {

@@ -78,7 +78,7 @@ impl GpuExperts {
             DType::F16 | DType::BF16 => DType::F32,
             d => d,
         };
-        if dtype.is_quantized() && !cols.is_multiple_of(dtype.block().0) {
+        if dtype.is_quantized() && !dtype.fits_cols(cols) {
             return Err(invalid(format!(
                 "experts `{name}`: rows of {cols} values are not whole {dtype} blocks"
             )));

@@ -79,7 +79,7 @@ impl GpuMatrix {
             DType::F16 | DType::BF16 => DType::F32,
             d => d,
         };
-        if dtype.is_quantized() && !cols.is_multiple_of(dtype.block().0) {
+        if dtype.is_quantized() && !dtype.fits_cols(cols) {
             return Err(Error::InvalidArgument(format!(
                 "GpuMatrix `{}`: {} rows of {cols} values are not whole blocks of {}",
                 t.name,
