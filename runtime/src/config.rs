@@ -53,6 +53,19 @@ impl Arch {
             Arch::Qwen3Moe => "qwen3_moe",
         }
     }
+
+    /// llama.cpp's `general.architecture` for this family, which also
+    /// prefixes its metadata keys; Mixtral is `llama` with experts.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Llama | Arch::Mixtral => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Qwen2Moe => "qwen2moe",
+            Arch::Qwen3Moe => "qwen3moe",
+            Arch::Olmoe => "olmoe",
+        }
+    }
 }
 
 /// How rotary embeddings pair up the dimensions of a head.
@@ -109,7 +122,8 @@ pub struct MoeConfig {
 pub enum ConfigSource {
     /// A Hugging Face `config.json`.
     HfJson,
-    /// GGUF metadata (`llama.*` keys).
+    /// GGUF metadata (keys prefixed by the llama.cpp architecture name,
+    /// e.g. `qwen3moe.expert_count`).
     Gguf,
 }
 
@@ -140,7 +154,7 @@ impl ConfigSource {
                     "rope_theta" => "rope.freq_base",
                     other => return other.into(),
                 };
-                format!("llama.{key}")
+                format!("{}.{key}", arch.gguf_name())
             }
         }
     }

@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use crate::config::{Arch, QkNorm, RopeStyle};
+use crate::config::{QkNorm, RopeStyle};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufValue, write_gguf};
 use crate::loader::LoadedModel;
@@ -95,14 +95,7 @@ pub fn write_model_gguf_with(
             return Err(Error::InvalidArgument(format!("cannot write matrices as {dt}")));
         }
     }
-    let arch: &'static str = match cfg.arch {
-        Arch::Llama | Arch::Mixtral => "llama",
-        Arch::Qwen2 => "qwen2",
-        Arch::Qwen3 => "qwen3",
-        Arch::Qwen2Moe => "qwen2moe",
-        Arch::Qwen3Moe => "qwen3moe",
-        Arch::Olmoe => "olmoe",
-    };
+    let arch = cfg.arch.gguf_name();
     // What llama.cpp cannot express is refused rather than written as a
     // different model.
     if let Some(w) = cfg.sliding_window {
