@@ -57,6 +57,22 @@ pub fn read_golden_file(path: &Path) -> Vec<GoldenSeq> {
     out
 }
 
+/// Prefills `prompts` together as one batch of fresh sequences on
+/// `engine` (the CPU reference or the GPU engine) and returns the logits at
+/// every position, one (T, V) row per prompt.
+pub fn prefill_all<E: lynx::generate::Engine>(engine: &E, prompts: &[&[u32]]) -> Vec<Vec<f32>> {
+    let mut seqs: Vec<_> = prompts.iter().map(|_| engine.new_sequence()).collect();
+    let mut batch: Vec<_> = seqs.iter_mut().zip(prompts).map(|(s, p)| (s, *p)).collect();
+    engine
+        .forward(&mut batch, lynx::Logits::All)
+        .unwrap_or_else(|e| panic!("batched prefill: {e}"))
+}
+
+/// The token ids of each golden sequence.
+pub fn golden_ids(golden: &[GoldenSeq]) -> Vec<&[u32]> {
+    golden.iter().map(|g| g.ids.as_slice()).collect()
+}
+
 /// Reads a golden JSON file (a test fixture), naming it on failure.
 pub fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

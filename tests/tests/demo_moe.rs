@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 
 use lynx::generate::{GenerateOptions, generate};
-use lynx::{ChatMessage, LoadedModel, Logits, load};
+use lynx::{ChatMessage, LoadedModel, load};
 use lynx_tests::{json_ids, read_json, repo_root};
 use serde_json::Value;
 
@@ -66,13 +66,8 @@ fn logits_match_transformers() {
     let g = golden();
     let seqs = g["sequences"].as_array().unwrap();
     let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| json_ids(&s["ids"])).collect();
-    let mut states: Vec<_> = prompts.iter().map(|_| m.model.new_sequence()).collect();
-    let mut batch: Vec<_> = states
-        .iter_mut()
-        .zip(&prompts)
-        .map(|(s, p)| (s, p.as_slice()))
-        .collect();
-    let out = m.model.forward(&mut batch, Logits::All).unwrap();
+    let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let out = lynx_tests::prefill_all(&m.model, &prompt_refs);
     let mut worst = 0f32;
     for (i, (got, s)) in out.iter().zip(seqs).enumerate() {
         let n = prompts[i].len();

@@ -20,7 +20,7 @@
 use lynx::config::Arch;
 use lynx::gpu::GpuModel;
 use lynx::{DType, Logits};
-use lynx_tests::{GoldenSeq, fixtures_dir, max_abs_diff, read_golden_file};
+use lynx_tests::{GoldenSeq, fixtures_dir, golden_ids, max_abs_diff, prefill_all, read_golden_file};
 
 const TOL: f32 = 1e-4;
 
@@ -76,13 +76,7 @@ fn cpu_reference_matches_transformers_on_llama_cpp_ggufs() {
         seen.extend(f.iter().cloned());
         let golden = golden(name);
         let v = m.model.config.vocab_size;
-        let mut seqs: Vec<_> = golden.iter().map(|_| m.model.new_sequence()).collect();
-        let mut batch: Vec<_> = seqs
-            .iter_mut()
-            .zip(&golden)
-            .map(|(s, g)| (s, g.ids.as_slice()))
-            .collect();
-        let out = m.model.forward(&mut batch, Logits::All).unwrap();
+        let out = prefill_all(&m.model, &golden_ids(&golden));
         let worst = check(name, "cpu", &out, &golden, v);
         eprintln!("{name} ({f:?}): CPU max |err| = {worst:.2e}");
     }
@@ -114,13 +108,7 @@ fn gpu_engine_matches_transformers_on_llama_cpp_ggufs() {
         let golden = golden(name);
         let v = m.model.config.vocab_size;
         let gpu = GpuModel::upload(ctx.clone(), &m.model, |_, _| {}).unwrap_or_else(|e| panic!("{name}: upload: {e}"));
-        let mut seqs: Vec<_> = golden.iter().map(|_| gpu.new_sequence()).collect();
-        let mut batch: Vec<_> = seqs
-            .iter_mut()
-            .zip(&golden)
-            .map(|(s, g)| (s, g.ids.as_slice()))
-            .collect();
-        let out = gpu.forward(&mut batch, Logits::All).unwrap();
+        let out = prefill_all(&gpu, &golden_ids(&golden));
         let prefill = check(name, "gpu prefill", &out, &golden, v);
 
         let g = golden.last().unwrap();

@@ -8,7 +8,7 @@
 //! order differs; measured errors are printed with `--nocapture`.
 
 use lynx::{Logits, load};
-use lynx_tests::{FIXTURES, fixtures_dir, max_abs_diff, nmse, read_golden};
+use lynx_tests::{FIXTURES, fixtures_dir, golden_ids, max_abs_diff, nmse, prefill_all, read_golden};
 
 const TOL: f32 = 1e-4;
 
@@ -18,13 +18,7 @@ fn batched_prefill_matches_transformers_for_every_architecture() {
     for fixture in FIXTURES {
         let m = load(&fixtures_dir().join(fixture)).unwrap_or_else(|e| panic!("{fixture}: {e}"));
         let golden = read_golden(fixture);
-        let mut seqs: Vec<_> = golden.iter().map(|_| m.model.new_sequence()).collect();
-        let mut batch: Vec<_> = seqs
-            .iter_mut()
-            .zip(&golden)
-            .map(|(s, g)| (s, g.ids.as_slice()))
-            .collect();
-        let out = m.model.forward(&mut batch, Logits::All).unwrap();
+        let out = prefill_all(&m.model, &golden_ids(&golden));
         for (i, (got, g)) in out.iter().zip(&golden).enumerate() {
             let (err, at) = max_abs_diff(got, &g.logits);
             let v = m.model.config.vocab_size;
@@ -93,27 +87,48 @@ fn incremental_decode_matches_transformers_for_every_architecture() {
     }
 }
 
-/// Llama and Mixtral fixtures written as GGUF (`lynx::export`, Q/K rows
-/// permuted for llama.cpp's interleaved rope) and read back. In F32 the
-/// logits still match transformers to `TOL`. In Q8_0 every weight matrix,
-/// each expert of the stacked expert tensors included, must equal the
-/// original within half a quantisation step, and the dense model's logits
-/// must stay within the quantisation error (NMSE measured ~1e-3: random
-/// weights amplify Q8_0's 0.6% RMS weight error about sevenfold; the bound
-/// leaves 3x headroom). Mixtral's logits are not compared in Q8_0: its
-/// router gaps are ~5e-3, and quantisation legitimately flips experts.
+/// Every fixture written as GGUF in llama.cpp's layout for its
+/// architecture (`lynx::export`: `llama` with Q/K rows permuted for its
+/// interleaved rope, with Mixtral experts; `qwen2moe`, `qwen3moe`, `olmoe`
+/// with biases, q/k norms, shared experts and their gate) and read back.
+/// In F32 the configuration survives and the logits still match
+/// transformers to `TOL`. Llama and Mixtral are also written in Q8_0:
+/// every weight matrix, each expert of the stacked expert tensors
+/// included, must equal the original within half a quantisation step, and
+/// the dense model's logits must stay within the quantisation error (NMSE
+/// measured ~1e-3: random weights amplify Q8_0's 0.6% RMS weight error
+/// about sevenfold; the bound leaves 3x headroom). Mixtral's logits are not
+/// compared in Q8_0: its router gaps are ~5e-3, and quantisation
+/// legitimately flips experts.
 #[test]
 fn gguf_export_round_trips() {
-    for fixture in ["llama", "mixtral"] {
+    for fixture in FIXTURES {
         let m = load(&fixtures_dir().join(fixture)).unwrap();
         let golden = read_golden(fixture);
         let dir = lynx_tests::temp_dir(&format!("gguf-{fixture}"));
-        for dtype in [lynx::DType::F32, lynx::DType::Q8_0] {
+        let dtypes: &[lynx::DType] = match fixture {
+            "llama" | "mixtral" => &[lynx::DType::F32, lynx::DType::Q8_0],
+            _ => &[lynx::DType::F32],
+        };
+        for &dtype in dtypes {
             let path = dir.join(format!("{fixture}-{dtype}.gguf"));
-            lynx::export::write_model_gguf(&m, dtype, &path).unwrap();
+            let report = lynx::export::write_model_gguf(&m, dtype, &path).unwrap();
+            assert!(report.fallbacks.is_empty(), "{fixture} {dtype}: {:?}", report.fallbacks);
+            let file = lynx::gguf::GgufFile::open(&path).unwrap();
+            assert_eq!(file.get_str("general.architecture").unwrap(), report.arch);
             let g = load(&path).unwrap_or_else(|e| panic!("{fixture} {dtype}: {e}"));
-            assert_eq!(g.model.config.rope_style, lynx::config::RopeStyle::Interleaved);
-            assert_eq!(g.model.config.moe, m.model.config.moe, "{fixture}: MoE config survives");
+            let (a, b) = (&m.model.config, &g.model.config);
+            assert_eq!(
+                (a.arch, &a.moe, a.qk_norm, a.attention_bias, a.clip_qkv, a.head_dim),
+                (b.arch, &b.moe, b.qk_norm, b.attention_bias, b.clip_qkv, b.head_dim),
+                "{fixture}: configuration survives"
+            );
+            let style = if report.arch == "llama" {
+                lynx::config::RopeStyle::Interleaved
+            } else {
+                lynx::config::RopeStyle::NeoX
+            };
+            assert_eq!(b.rope_style, style, "{fixture}: rope pairing of `{}`", report.arch);
             for (a, b) in weights(&m.model).iter().zip(weights(&g.model)) {
                 assert_close_to_quantised(a, b, dtype);
             }
@@ -129,7 +144,10 @@ fn gguf_export_round_trips() {
                     .remove(0);
                 let (err, _) = max_abs_diff(&got, &seq.logits);
                 let e2 = nmse(&got, &seq.logits);
-                eprintln!("{fixture} as {dtype} GGUF: sequence {i}: max |err| = {err:.2e}, NMSE = {e2:.2e}");
+                eprintln!(
+                    "{fixture} as {dtype} `{}` GGUF: sequence {i}: max |err| = {err:.2e}, NMSE = {e2:.2e}",
+                    report.arch
+                );
                 let (tol, nmse_tol) = if dtype == lynx::DType::F32 {
                     (TOL, 1e-10)
                 } else {
@@ -184,41 +202,6 @@ fn assert_close_to_quantised(a: &lynx::QTensor, b: &lynx::QTensor, dtype: lynx::
                 b.name,
                 blk * 32 + j
             );
-        }
-    }
-}
-
-/// Every architecture written as GGUF in llama.cpp's layout for it
-/// (`qwen2moe`, `qwen3moe`, `olmoe`, `llama` with Mixtral experts: biases,
-/// q/k norms, shared experts and their gate, rope pairing) and read back
-/// in F32: the logits still match transformers to `TOL`.
-#[test]
-fn gguf_export_round_trips_every_architecture() {
-    for fixture in FIXTURES {
-        let m = load(&fixtures_dir().join(fixture)).unwrap();
-        let golden = read_golden(fixture);
-        let path = lynx_tests::temp_dir(&format!("gguf-all-{fixture}")).join("f32.gguf");
-        let report = lynx::export::write_model_gguf(&m, lynx::DType::F32, &path).unwrap();
-        assert!(report.fallbacks.is_empty(), "{fixture}: {:?}", report.fallbacks);
-        let g = load(&path).unwrap_or_else(|e| panic!("{fixture}: {e}"));
-        let (a, b) = (&m.model.config, &g.model.config);
-        assert_eq!(
-            (a.arch, &a.moe, a.qk_norm, a.attention_bias, a.clip_qkv, a.head_dim),
-            (b.arch, &b.moe, b.qk_norm, b.attention_bias, b.clip_qkv, b.head_dim),
-            "{fixture}: configuration survives"
-        );
-        let file = lynx::gguf::GgufFile::open(&path).unwrap();
-        assert_eq!(file.get_str("general.architecture").unwrap(), report.arch);
-        for (i, seq) in golden.iter().enumerate() {
-            let mut s = g.model.new_sequence();
-            let got = g
-                .model
-                .forward(&mut [(&mut s, &seq.ids[..])], Logits::All)
-                .unwrap()
-                .remove(0);
-            let (err, at) = max_abs_diff(&got, &seq.logits);
-            eprintln!("{fixture} ({}) as F32 GGUF: sequence {i}: max |err| = {err:.2e}", report.arch);
-            assert!(err <= TOL, "{fixture} seq {i}: |err| {err} at {at}");
         }
     }
 }
