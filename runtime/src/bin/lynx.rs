@@ -336,8 +336,8 @@ fn open_gpu(device: Device, needs_gpu: Option<&str>) -> anyhow::Result<Option<Gp
             Ok(ctx) => Ok(Some(ctx)),
             Err(e) => match needs_gpu {
                 Some(what) => Err(anyhow!(
-                    "{what} needs the GPU engine (expert selection runs on its routing buffer), and no GPU \
-                     adapter was found ({e}); the CPU engine only routes exactly"
+                    "{what} needs the GPU engine (expert selection and its metrics exist only there), and \
+                     no GPU adapter was found ({e}); the CPU engine only routes exactly"
                 )),
                 None => {
                     eprintln!("lynx: no GPU adapter found ({e}); {CPU_FALLBACK_NOTICE}");
