@@ -161,15 +161,20 @@ fn token_outside_vocabulary_is_refused() {
 }
 
 /// Loads the mixtral fixture after `edit` rewrote its config.json, and
-/// returns the error, which must be a config error naming `field`.
-fn hf_config_error(tag: &str, edit: impl Fn(&mut serde_json::Value), field: &str) {
+/// returns the error.
+fn edited_config_error(tag: &str, edit: impl Fn(&mut serde_json::Value)) -> Error {
     let dir = temp_dir(tag);
     copy_fixture("mixtral", &dir);
     let path = dir.join("config.json");
     let mut json: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut json);
     fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
-    let e = load_err(&dir);
+    load_err(&dir)
+}
+
+/// [`edited_config_error`], which must name `field`.
+fn hf_config_error(tag: &str, edit: impl Fn(&mut serde_json::Value), field: &str) {
+    let e = edited_config_error(tag, edit);
     assert!(
         e.to_string().contains(field),
         "{tag}: the error should name `{field}`: {e}"
@@ -220,13 +225,7 @@ fn absurd_config_json_values_name_the_field() {
 
 #[test]
 fn more_layers_than_tensors_names_the_first_missing_layer() {
-    let dir = temp_dir("layers");
-    copy_fixture("mixtral", &dir);
-    let path = dir.join("config.json");
-    let mut json: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
-    json["num_hidden_layers"] = 1000.into();
-    fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
-    let e = load_err(&dir);
+    let e = edited_config_error("layers", |j| j["num_hidden_layers"] = 1000.into());
     assert!(matches!(e, Error::MissingTensor { .. }), "{e:?}");
     assert!(e.to_string().contains("model.layers.2."), "{e}");
 }
