@@ -73,6 +73,24 @@ pub fn golden_ids(golden: &[GoldenSeq]) -> Vec<&[u32]> {
     golden.iter().map(|g| g.ids.as_slice()).collect()
 }
 
+/// Polls `server`'s scheduler until `cond` holds, failing the test after
+/// two minutes with `what` and the last statistics.
+pub fn wait_for(
+    server: &lynx::server::Server,
+    what: &str,
+    cond: impl Fn(&lynx::serving::SchedulerStats) -> bool,
+) {
+    let t0 = std::time::Instant::now();
+    while !cond(&server.stats()) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "timed out waiting for {what}: {:?}",
+            server.stats()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Reads a golden JSON file (a test fixture), naming it on failure.
 pub fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -21,7 +21,7 @@ use lynx::server::{
 };
 use lynx::serving::SchedulerConfig;
 use lynx::{ChatMessage, Tokenizer};
-use lynx_tests::gpu_ctx;
+use lynx_tests::{gpu_ctx, wait_for};
 use serde_json::{Value, json};
 
 /// Bounds every read and write of a test request, so a broken server fails
@@ -81,18 +81,6 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 }
 
 /// Waits (bounded) until `cond` holds for the server's stats.
-fn wait_for(server: &Server, what: &str, cond: impl Fn(&lynx::serving::SchedulerStats) -> bool) {
-    let t0 = Instant::now();
-    while !cond(&server.stats()) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "timed out waiting for {what}: {:?}",
-            server.stats()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn chat_body(prompt: &str, max_tokens: usize, stream: bool) -> String {
     json!({
         "model": "demo",

@@ -15,6 +15,7 @@ use lynx::server::http_client::{SseStream, request};
 use lynx::server::{Server, ServerConfig};
 use lynx::serving::SchedulerConfig;
 use lynx::{Logits, Model, ModelConfig, Sequence, Tokenizer};
+use lynx_tests::wait_for;
 
 /// Bounds every client call, so that a broken server fails a test instead
 /// of hanging it.
@@ -73,18 +74,6 @@ impl Engine for PanicOn {
             panic!("injected failure on forward pass {n}");
         }
         self.inner.forward(batch, logits)
-    }
-}
-
-fn wait_for(server: &Server, what: &str, cond: impl Fn(&lynx::serving::SchedulerStats) -> bool) {
-    let t0 = Instant::now();
-    while !cond(&server.stats()) {
-        assert!(
-            t0.elapsed() < IO_TIMEOUT,
-            "timed out waiting for {what}: {:?}",
-            server.stats()
-        );
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
