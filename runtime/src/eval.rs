@@ -671,10 +671,7 @@ pub fn score_text(
 pub fn qa_prompts(tok: &Tokenizer, questions: &[QaItem]) -> Result<Vec<Vec<u32>>> {
     questions
         .iter()
-        .map(|q| {
-            let text = tok.apply_chat_template(&[ChatMessage::user(q.question.as_str())], true)?;
-            tok.encode(&text, false)
-        })
+        .map(|q| tok.encode_chat(&[ChatMessage::user(q.question.as_str())]))
         .collect()
 }
 

@@ -256,8 +256,7 @@ pub struct BatchGeneration<'t, S> {
     /// the next [`BatchGeneration::accept`].
     active: Vec<usize>,
     prefilled: bool,
-    max_new_tokens: usize,
-    stop_on_eos: bool,
+    /// The model's context length.
     limit: usize,
 }
 
@@ -276,22 +275,11 @@ impl<'t, S> BatchGeneration<'t, S> {
             // An empty stop string would match before the first token.
             return Err(Error::InvalidArgument(format!("stop string {i} is empty")));
         }
-        let limit = config.max_position_embeddings;
-        let vocab = config.vocab_size;
         for (i, prompt) in prompts.iter().enumerate() {
-            if prompt.is_empty() {
-                return Err(Error::InvalidArgument(format!("prompt {i} is empty")));
-            }
-            if prompt.len() >= limit {
-                // At least one generated token must fit after the prompt.
-                return Err(Error::ContextOverflow {
-                    requested: prompt.len() + 1,
-                    limit,
-                });
-            }
-            if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-                return Err(Error::TokenOutOfRange { id, vocab });
-            }
+            check_prompt(config, prompt).map_err(|e| match e {
+                Error::InvalidArgument(why) => Error::InvalidArgument(format!("prompt {i}: {why}")),
+                e => e,
+            })?;
         }
 
         let mut states: Vec<SeqState<S>> = Vec::with_capacity(prompts.len());
@@ -300,16 +288,7 @@ impl<'t, S> BatchGeneration<'t, S> {
                 seed: opts.sampling.seed.wrapping_add(i as u64),
                 ..opts.sampling
             };
-            states.push(SeqState {
-                seq: new_sequence(),
-                sampler: Sampler::new(sampling)?,
-                prompt_tokens: prompt.len(),
-                tokens: Vec::new(),
-                last: [0],
-                stream: TextStream::new(&opts.stop),
-                text: String::new(),
-                finish: None,
-            });
+            states.push(SeqState::new(new_sequence(), prompt.len(), opts, sampling)?);
         }
         // With nothing to generate there is no reason to run the prompts.
         let active = if opts.max_new_tokens == 0 {
@@ -324,9 +303,7 @@ impl<'t, S> BatchGeneration<'t, S> {
             states,
             active,
             prefilled: false,
-            max_new_tokens: opts.max_new_tokens,
-            stop_on_eos: opts.stop_on_eos,
-            limit,
+            limit: config.max_position_embeddings,
         })
     }
 
@@ -352,7 +329,7 @@ impl<'t, S> BatchGeneration<'t, S> {
             self.states
                 .iter_mut()
                 .filter(|s| s.finish.is_none())
-                .map(|s| (&mut s.seq, s.last.as_slice()))
+                .map(SeqState::decode_input)
                 .collect(),
         )
     }
@@ -363,34 +340,10 @@ impl<'t, S> BatchGeneration<'t, S> {
     pub fn accept(&mut self, logits: Vec<Vec<f32>>, mut on_text: impl FnMut(usize, &str)) -> Result<()> {
         check_logits(&logits, self.active.len())?;
         self.prefilled = true;
-        let eos = self.tok.eos_token_ids();
         for (&i, row) in self.active.iter().zip(&logits) {
-            let st = &mut self.states[i];
-            let id = st.sampler.sample(row)?;
-            st.tokens.push(id);
-            st.last = [id];
-            if self.stop_on_eos && eos.contains(&id) {
-                // EOS adds no text, so the text decoded at the previous step
-                // is the final text and everything held back is released.
-                emit(&mut on_text, i, st.stream.finish(&st.text));
-                st.finish = Some(FinishReason::Eos);
-                continue;
-            }
-            st.text = self.tok.decode(&st.tokens, true)?;
-            let step = st.stream.update(&st.text);
-            emit(&mut on_text, i, step.emit);
-            if let Some(end) = step.stop_at {
-                st.text.truncate(end);
-                st.finish = Some(FinishReason::Stop);
-                continue;
-            }
-            // The prompt and every generated token must fit in the context,
-            // so the next token can only be sampled if this one can be fed.
-            let full = st.prompt_tokens + st.tokens.len() >= self.limit;
-            if st.tokens.len() >= self.max_new_tokens || full {
-                emit(&mut on_text, i, st.stream.finish(&st.text));
-                st.finish = Some(FinishReason::Length);
-            }
+            self.states[i]
+                .accept(row, self.tok, self.limit, |text| on_text(i, text))
+                .map_err(StepFailure::into_error)?;
         }
         let states = &self.states;
         self.active.retain(|&i| states[i].finish.is_none());
@@ -416,35 +369,159 @@ impl<'t, S> BatchGeneration<'t, S> {
     pub fn finish(self) -> Vec<Generation> {
         self.states
             .into_iter()
-            .map(|s| {
-                let finish = s.finish.unwrap_or(FinishReason::Length);
-                s.finish(finish)
-            })
+            .map(SeqState::into_generation)
             .collect()
     }
 }
 
-/// Per-sequence generation state.
-struct SeqState<S> {
-    seq: S,
+/// Checks that `prompt` can start a generation on a model with `config`:
+/// it is not empty, every id is in the vocabulary, and at least one
+/// generated token fits after it in the context. Every front end checks its
+/// prompts with this one function, before any compute: [`BatchGeneration`],
+/// the serving loop, and the HTTP server (which answers 400 with it).
+///
+/// Errors: `Error::InvalidArgument` for an empty prompt,
+/// `Error::ContextOverflow` when `len >= max_position_embeddings`, and
+/// `Error::TokenOutOfRange` for an id outside the vocabulary.
+pub fn check_prompt(config: &ModelConfig, prompt: &[u32]) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument("the prompt is empty".into()));
+    }
+    let limit = config.max_position_embeddings;
+    if prompt.len() >= limit {
+        // At least one generated token must fit after the prompt.
+        return Err(Error::ContextOverflow {
+            requested: prompt.len() + 1,
+            limit,
+        });
+    }
+    let vocab = config.vocab_size;
+    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+        return Err(Error::TokenOutOfRange { id, vocab });
+    }
+    Ok(())
+}
+
+/// One sequence being generated: its engine state (KV cache), sampler,
+/// tokens and streamed text. [`SeqState::accept`] is the one per-sequence
+/// step: sampling, EOS, stop strings, the token and context limits and
+/// streaming are decided there, for [`BatchGeneration`] and the serving
+/// loop alike.
+pub(crate) struct SeqState<S> {
+    pub(crate) seq: S,
     sampler: Sampler,
-    prompt_tokens: usize,
-    tokens: Vec<u32>,
+    pub(crate) prompt_tokens: usize,
+    pub(crate) tokens: Vec<u32>,
     /// The last sampled token, as the slice the next forward call feeds.
     last: [u32; 1],
     stream: TextStream,
     /// The generated text so far (final once `finish` is set).
-    text: String,
-    finish: Option<FinishReason>,
+    pub(crate) text: String,
+    pub(crate) finish: Option<FinishReason>,
+    max_new_tokens: usize,
+    stop_on_eos: bool,
+}
+
+/// Why [`SeqState::accept`] failed; the serving loop reports the stage.
+#[derive(Debug)]
+pub(crate) enum StepFailure {
+    Sampling(Error),
+    Detokenising(Error),
+}
+
+impl StepFailure {
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            StepFailure::Sampling(e) | StepFailure::Detokenising(e) => e,
+        }
+    }
+}
+
+impl std::fmt::Display for StepFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepFailure::Sampling(e) => write!(f, "sampling failed: {e}"),
+            StepFailure::Detokenising(e) => write!(f, "detokenising failed: {e}"),
+        }
+    }
 }
 
 impl<S> SeqState<S> {
-    fn finish(self, finish: FinishReason) -> Generation {
+    /// A sequence about to prefill a prompt of `prompt_tokens` tokens,
+    /// stopping as `opts` says and sampling with `sampling` (the caller
+    /// picks the seed).
+    pub(crate) fn new(seq: S, prompt_tokens: usize, opts: &GenerateOptions, sampling: SamplingParams) -> Result<Self> {
+        Ok(SeqState {
+            seq,
+            sampler: Sampler::new(sampling)?,
+            prompt_tokens,
+            tokens: Vec::new(),
+            last: [0],
+            stream: TextStream::new(&opts.stop),
+            text: String::new(),
+            finish: None,
+            max_new_tokens: opts.max_new_tokens,
+            stop_on_eos: opts.stop_on_eos,
+        })
+    }
+
+    /// The engine state and the token the next decode step feeds.
+    pub(crate) fn decode_input(&mut self) -> (&mut S, &[u32]) {
+        (&mut self.seq, self.last.as_slice())
+    }
+
+    /// Samples the next token from `row` (this sequence's logits), streams
+    /// its newly final text through `on_text` (never an empty string), and
+    /// returns the reason it finished, if it did. `limit` is the model's
+    /// context length.
+    pub(crate) fn accept(
+        &mut self,
+        row: &[f32],
+        tok: &Tokenizer,
+        limit: usize,
+        mut on_text: impl FnMut(&str),
+    ) -> std::result::Result<Option<FinishReason>, StepFailure> {
+        let mut emit = |text: &str| {
+            if !text.is_empty() {
+                on_text(text)
+            }
+        };
+        let id = self.sampler.sample(row).map_err(StepFailure::Sampling)?;
+        self.tokens.push(id);
+        self.last = [id];
+        let finish = if self.stop_on_eos && tok.eos_token_ids().contains(&id) {
+            // EOS adds no text, so the text decoded at the previous step is
+            // the final text and everything held back is released.
+            emit(self.stream.finish(&self.text));
+            Some(FinishReason::Eos)
+        } else {
+            self.text = tok.decode(&self.tokens, true).map_err(StepFailure::Detokenising)?;
+            let step = self.stream.update(&self.text);
+            emit(step.emit);
+            if let Some(end) = step.stop_at {
+                self.text.truncate(end);
+                Some(FinishReason::Stop)
+            } else if self.tokens.len() >= self.max_new_tokens || self.prompt_tokens + self.tokens.len() >= limit {
+                // The prompt and every generated token must fit in the
+                // context, so the next token can only be sampled if this
+                // one can be fed.
+                emit(self.stream.finish(&self.text));
+                Some(FinishReason::Length)
+            } else {
+                None
+            }
+        };
+        self.finish = finish;
+        Ok(finish)
+    }
+
+    /// The finished generation (a sequence stopped early counts as `Length`).
+    pub(crate) fn into_generation(self) -> Generation {
         Generation {
             prompt_tokens: self.prompt_tokens,
             tokens: self.tokens,
             text: self.text,
-            finish,
+            finish: self.finish.unwrap_or(FinishReason::Length),
         }
     }
 }
@@ -459,12 +536,6 @@ fn check_logits(logits: &[Vec<f32>], expected: usize) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn emit(on_text: &mut impl FnMut(usize, &str), i: usize, text: &str) {
-    if !text.is_empty() {
-        on_text(i, text);
-    }
 }
 
 /// The result of feeding the current text to `TextStream::update`.

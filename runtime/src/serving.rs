@@ -25,9 +25,8 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use web_time::Instant;
 
 use crate::error::{Error, Result};
-use crate::generate::{AsyncEngine, Blocking, Engine, FinishReason, GenerateOptions, TextStream};
+use crate::generate::{AsyncEngine, Blocking, Engine, FinishReason, GenerateOptions, SeqState, check_prompt};
 use crate::model::Logits;
-use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
 
 /// What a request's channel receives.
@@ -151,16 +150,11 @@ struct Pending {
 
 struct Running<S> {
     id: u64,
-    seq: S,
-    sampler: Sampler,
-    opts: GenerateOptions,
+    /// Sampling, stop rules and text: the same per-sequence step as
+    /// [`crate::generate::BatchGeneration`].
+    state: SeqState<S>,
     events: Sender<Event>,
     alive: Weak<()>,
-    prompt_tokens: usize,
-    tokens: Vec<u32>,
-    last: [u32; 1],
-    stream: TextStream,
-    text: String,
     submitted: Instant,
     first_token_s: f64,
 }
@@ -483,9 +477,7 @@ impl Scheduler {
         running: &mut Vec<Running<E::Seq>>,
         admitted: Vec<Pending>,
     ) {
-        let eos = tok.eos_token_ids();
         let limit = engine.config().max_position_embeddings;
-        let vocab = engine.config().vocab_size;
         // Cancelled requests leave before any compute is spent on them;
         // dropping a sequence frees its KV cache.
         let before = running.len();
@@ -502,42 +494,22 @@ impl Scheduler {
             }
             // Requests are validated against the model here, where its
             // limits are known; a bad one fails alone.
-            let why = if p.prompt.len() >= limit {
-                Some(format!(
-                    "the prompt has {} tokens; the context holds {limit}",
-                    p.prompt.len()
-                ))
-            } else {
-                p.prompt
-                    .iter()
-                    .find(|&&id| id as usize >= vocab)
-                    .map(|id| format!("token id {id} is outside the vocabulary"))
-            };
-            let sampler = Sampler::new(p.opts.sampling);
-            match (why, sampler) {
-                (None, Ok(sampler)) => {
+            let prompt_tokens = p.prompt.len();
+            let state = check_prompt(engine.config(), &p.prompt)
+                .and_then(|()| SeqState::new(engine.new_sequence(), prompt_tokens, &p.opts, p.opts.sampling));
+            match state {
+                Ok(state) => {
                     fresh.push(Running {
                         id: p.id,
-                        seq: engine.new_sequence(),
-                        sampler,
-                        stream: TextStream::new(&p.opts.stop),
-                        opts: p.opts,
+                        state,
                         events: p.events,
                         alive: p.alive,
-                        prompt_tokens: p.prompt.len(),
-                        tokens: Vec::new(),
-                        last: [0],
-                        text: String::new(),
                         submitted: p.submitted,
                         first_token_s: 0.0,
                     });
                     prompts.push(p.prompt);
                 }
-                (Some(why), _) => {
-                    failed += 1;
-                    let _ = p.events.send(Event::Error(why));
-                }
-                (None, Err(e)) => {
+                Err(e) => {
                     failed += 1;
                     let _ = p.events.send(Event::Error(e.to_string()));
                 }
@@ -550,16 +522,16 @@ impl Scheduler {
             let mut batch: Vec<(&mut E::Seq, &[u32])> = fresh
                 .iter_mut()
                 .zip(&prompts)
-                .map(|(r, p)| (&mut r.seq, p.as_slice()))
+                .map(|(r, p)| (&mut r.state.seq, p.as_slice()))
                 .collect();
             match engine.forward_async(&mut batch, Logits::Last).await {
                 Ok(logits) => {
                     for (r, row) in fresh.iter_mut().zip(&logits) {
                         let _ = r.events.send(Event::Started {
-                            prompt_tokens: r.prompt_tokens,
+                            prompt_tokens: r.state.prompt_tokens,
                         });
                         r.first_token_s = r.submitted.elapsed().as_secs_f64();
-                        let outcome = Self::advance(r, row, tok, &eos, limit);
+                        let outcome = Self::advance(r, row, tok, limit);
                         ended.record(r.id, &r.events, outcome);
                     }
                 }
@@ -580,13 +552,13 @@ impl Scheduler {
         if !running.is_empty() {
             let t0 = Instant::now();
             let mut batch: Vec<(&mut E::Seq, &[u32])> =
-                running.iter_mut().map(|r| (&mut r.seq, r.last.as_slice())).collect();
+                running.iter_mut().map(|r| r.state.decode_input()).collect();
             match engine.forward_async(&mut batch, Logits::Last).await {
                 Ok(logits) => {
                     step_s = t0.elapsed().as_secs_f64();
                     step_tokens = running.len();
                     for (r, row) in running.iter_mut().zip(&logits) {
-                        let outcome = Self::advance(r, row, tok, &eos, limit);
+                        let outcome = Self::advance(r, row, tok, limit);
                         ended.record(r.id, &r.events, outcome);
                     }
                 }
@@ -619,55 +591,29 @@ impl Scheduler {
         }
     }
 
-    /// Samples the next token of `r` from `row` and streams its text; the
-    /// caller sends the completion of a finished request.
-    fn advance<S>(r: &mut Running<S>, row: &[f32], tok: &Tokenizer, eos: &[u32], limit: usize) -> Outcome {
-        let id = match r.sampler.sample(row) {
-            Ok(id) => id,
+    /// Samples the next token of `r` from `row` ([`SeqState::accept`]) and
+    /// streams its text as events; the caller sends the completion of a
+    /// finished request.
+    fn advance<S>(r: &mut Running<S>, row: &[f32], tok: &Tokenizer, limit: usize) -> Outcome {
+        let mut gone = false;
+        let events = &r.events;
+        let step = r.state.accept(row, tok, limit, |text| {
+            gone |= events.send(Event::Text(text.to_string())).is_err();
+        });
+        let finish = match step {
             Err(e) => {
-                let _ = r.events.send(Event::Error(format!("sampling failed: {e}")));
+                let _ = r.events.send(Event::Error(e.to_string()));
                 return Outcome::Failed;
             }
+            // A client that went away mid-stream has nothing left to tell.
+            Ok(_) if gone => return Outcome::Gone,
+            Ok(None) => return Outcome::Continue,
+            Ok(Some(finish)) => finish,
         };
-        r.tokens.push(id);
-        r.last = [id];
-        let finish = if r.opts.stop_on_eos && eos.contains(&id) {
-            let tail = r.stream.finish(&r.text).to_string();
-            if !tail.is_empty() && r.events.send(Event::Text(tail)).is_err() {
-                return Outcome::Gone;
-            }
-            Some(FinishReason::Eos)
-        } else {
-            match tok.decode(&r.tokens, true) {
-                Ok(t) => r.text = t,
-                Err(e) => {
-                    let _ = r.events.send(Event::Error(format!("detokenising failed: {e}")));
-                    return Outcome::Failed;
-                }
-            }
-            let step = r.stream.update(&r.text);
-            let (emit, stop_at) = (step.emit.to_string(), step.stop_at);
-            if !emit.is_empty() && r.events.send(Event::Text(emit)).is_err() {
-                return Outcome::Gone;
-            }
-            if let Some(end) = stop_at {
-                r.text.truncate(end);
-                Some(FinishReason::Stop)
-            } else if r.tokens.len() >= r.opts.max_new_tokens || r.prompt_tokens + r.tokens.len() >= limit {
-                let tail = r.stream.finish(&r.text).to_string();
-                if !tail.is_empty() && r.events.send(Event::Text(tail)).is_err() {
-                    return Outcome::Gone;
-                }
-                Some(FinishReason::Length)
-            } else {
-                None
-            }
-        };
-        let Some(finish) = finish else { return Outcome::Continue };
         Outcome::Finished(Completion {
-            prompt_tokens: r.prompt_tokens,
-            tokens: std::mem::take(&mut r.tokens),
-            text: std::mem::take(&mut r.text),
+            prompt_tokens: r.state.prompt_tokens,
+            tokens: std::mem::take(&mut r.state.tokens),
+            text: std::mem::take(&mut r.state.text),
             finish,
             first_token_s: r.first_token_s,
             total_s: r.submitted.elapsed().as_secs_f64(),

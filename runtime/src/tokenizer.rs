@@ -570,6 +570,19 @@ impl Tokenizer {
             self.eos_token.as_deref().unwrap_or(""),
         )
     }
+
+    /// The token prompt for a chat: `messages` rendered with the chat
+    /// template and a generation prompt, then tokenized. This is the one
+    /// place every front end (CLI, server, eval, viewer, browser) turns
+    /// messages into ids. No special tokens are added again: the template
+    /// writes the BOS token (and every other special token) into the text
+    /// itself, as Hugging Face's `apply_chat_template(tokenize=True)`
+    /// assumes. A template error is [`Error::ChatTemplate`]; a tokenizer
+    /// error names the tokenizer file.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.apply_chat_template(messages, true)?;
+        self.encode(&text, false)
+    }
 }
 
 impl Tokenizer {

@@ -15,10 +15,7 @@ use lynx::{ChatMessage, Tokenizer};
 fn prompts(tok: &Tokenizer) -> Vec<Vec<u32>> {
     ["What is the capital of France?", "Name a colour.", "Count to five."]
         .iter()
-        .map(|q| {
-            let text = tok.apply_chat_template(&[ChatMessage::user(*q)], true).unwrap();
-            tok.encode(&text, false).unwrap()
-        })
+        .map(|q| tok.encode_chat(&[ChatMessage::user(*q)]).unwrap())
         .collect()
 }
 

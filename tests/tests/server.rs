@@ -17,7 +17,7 @@ use lynx::gpu::GpuModel;
 use lynx::selection::ExpertPolicy;
 use lynx::server::http_client::{HttpResponse, SseStream, request};
 use lynx::server::{
-    RequestRules, Server, ServerConfig, encode_chat, load, parse_chat_request, parse_completion_request,
+    RequestRules, Server, ServerConfig, load, parse_chat_request, parse_completion_request,
 };
 use lynx::serving::SchedulerConfig;
 use lynx::{ChatMessage, Tokenizer};
@@ -410,7 +410,7 @@ fn every_endpoint_answers_in_openai_shape() {
 
     // Non-streaming chat: the text of a single greedy run, with usage.
     let prompt = "What is the capital of France?";
-    let ids = encode_chat(tok, &[ChatMessage::user(prompt)]).unwrap();
+    let ids = tok.encode_chat(&[ChatMessage::user(prompt)]).unwrap();
     let opts = GenerateOptions {
         max_new_tokens: 6,
         ..GenerateOptions::default()

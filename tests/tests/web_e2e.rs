@@ -65,10 +65,7 @@ fn prompt_ids(tok: &Tokenizer) -> Vec<Vec<u32>> {
 fn chat_ids(tok: &Tokenizer, prompts: &[&str]) -> Vec<Vec<u32>> {
     prompts
         .iter()
-        .map(|q| {
-            let text = tok.apply_chat_template(&[ChatMessage::user(*q)], true).unwrap();
-            tok.encode(&text, false).unwrap()
-        })
+        .map(|q| tok.encode_chat(&[ChatMessage::user(*q)]).unwrap())
         .collect()
 }
 

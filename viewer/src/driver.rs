@@ -10,7 +10,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use lynx::config::ModelConfig;
 use lynx::generate::{FinishReason, GenerateOptions};
 use lynx::metrics::StepMetrics;
@@ -248,16 +247,6 @@ pub fn convert(id: RequestId, e: Event) -> DriverEvent {
     }
 }
 
-/// Renders `messages` with the model's chat template (ChatML when it has
-/// none) and tokenizes the result. The template writes the special tokens
-/// itself, so none are added again.
-pub fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
-    let text = tok
-        .apply_chat_template(messages, true)
-        .context("failed to apply the chat template")?;
-    tok.encode(&text, false).context("failed to tokenize the prompt")
-}
-
 /// Appends every event the requests in `handles` produced since the last
 /// call to `out`, and forgets the requests that ended.
 pub fn drain_requests(handles: &mut HashMap<RequestId, RequestHandle>, out: &mut Vec<DriverEvent>) {
@@ -319,7 +308,7 @@ pub fn submit_all(
     let mut prompts = Vec::with_capacity(batch.len());
     let mut ids = Vec::with_capacity(batch.len());
     for sub in batch {
-        match encode_chat(tok, &sub.messages) {
+        match tok.encode_chat(&sub.messages) {
             Ok(p) => {
                 ids.push(sub.id);
                 prompts.push((p, sub.options));

@@ -299,13 +299,11 @@ pub async fn generate<P: std::future::Future<Output = ()>>(
     let tok = &loaded.tokenizer;
     let mut prompts = Vec::with_capacity(req.prompts.len());
     for p in &req.prompts {
-        let text = if req.chat {
-            tok.apply_chat_template(&[ChatMessage::user(p.as_str())], true)?
+        prompts.push(if req.chat {
+            tok.encode_chat(&[ChatMessage::user(p.as_str())])?
         } else {
-            p.clone()
-        };
-        // The chat template writes the special tokens itself.
-        prompts.push(tok.encode(&text, !req.chat)?);
+            tok.encode(p, true)?
+        });
     }
     let opts = GenerateOptions {
         max_new_tokens: req.max_new_tokens,

@@ -635,7 +635,7 @@ fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<()> {
     let ids = if args.chat {
         note_missing_chat_template(&loaded.lm, tok);
         let messages = [ChatMessage::user(args.prompt.as_str())];
-        encode_chat(tok, &messages)?
+        tok.encode_chat(&messages).context("failed to encode the chat prompt")?
     } else {
         tok.encode(&args.prompt, true)
             .context("failed to tokenize the prompt")?
@@ -656,18 +656,6 @@ fn note_missing_chat_template(loaded: &LoadedModel, tok: &Tokenizer) {
             loaded.path.display()
         );
     }
-}
-
-/// Renders `messages` with the chat template and tokenizes the result.
-///
-/// Special tokens are not added again: chat templates write the BOS token
-/// (and every other special token) into the rendered text themselves, as
-/// Hugging Face's `apply_chat_template(tokenize=True)` assumes.
-fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
-    let text = tok
-        .apply_chat_template(messages, true)
-        .context("failed to apply the chat template")?;
-    tok.encode(&text, false).context("failed to tokenize the chat prompt")
 }
 
 /// Runs one generation, streaming its text to stdout, and returns it with
@@ -800,7 +788,7 @@ fn chat_cmd(args: &ChatArgs) -> anyhow::Result<()> {
         // processing each turn but is simple and always matches what the
         // chat template renders (templates may rewrite earlier turns, e.g.
         // dropping reasoning), which reusing a cache would not guarantee.
-        let ids = encode_chat(tok, &messages)?;
+        let ids = tok.encode_chat(&messages).context("failed to encode the chat prompt")?;
         match stream_generation(&loaded, tok, &ids, &opts) {
             Ok((generation, elapsed)) => {
                 print_stats(&generation, elapsed);

@@ -46,7 +46,8 @@ pub use api::{
 };
 pub use metrics::{ExpertHub, HttpCounters};
 
-use crate::generate::{Engine, FinishReason};
+use crate::config::ModelConfig;
+use crate::generate::{Engine, FinishReason, check_prompt};
 use crate::metrics::StepMetrics;
 use crate::serving::{CancelGuard, Completion, Event, Scheduler, SchedulerConfig, SchedulerStats, SubmitError};
 use crate::tokenizer::{ChatMessage, Tokenizer};
@@ -260,8 +261,7 @@ impl Server {
                 model_id: config.model_id.clone(),
                 max_tokens: config.max_tokens,
             },
-            context: cfg.max_position_embeddings,
-            vocab: cfg.vocab_size,
+            model: cfg.clone(),
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             http: http.clone(),
             hub,
@@ -598,9 +598,9 @@ struct App {
     tok: Arc<Tokenizer>,
     rules: RequestRules,
     config: ServerConfig,
-    /// The model's context length and vocabulary size.
-    context: usize,
-    vocab: usize,
+    /// The model's description: its context length and vocabulary size
+    /// bound the prompts ([`check_prompt`]).
+    model: ModelConfig,
     created: u64,
     http: Arc<HttpCounters>,
     hub: Option<Arc<ExpertHub>>,
@@ -670,7 +670,7 @@ fn model_card(app: &App) -> Value {
         "object": "model",
         "created": app.created,
         "owned_by": "lynx",
-        "context_length": app.context,
+        "context_length": app.model.max_position_embeddings,
         "expert_policy": app.config.policy,
     })
 }
@@ -785,15 +785,9 @@ async fn completions(State(app): State<Shared>, request: Request) -> Response {
         let body = read_body(&app, request).await?;
         let req = parse_completion_request(&body, &app.rules)?;
         let ids = match req.prompt {
-            Prompt::Tokens(ids) => {
-                if let Some(id) = ids.iter().find(|&&id| id as usize >= app.vocab) {
-                    return Err(ApiError::invalid(
-                        "prompt",
-                        format!("token id {id} is outside the vocabulary (size {})", app.vocab),
-                    ));
-                }
-                ids
-            }
+            // Ids are checked against the vocabulary with the prompt's
+            // length, in `generate`.
+            Prompt::Tokens(ids) => ids,
             Prompt::Text(text) => {
                 let tok = app.tok.clone();
                 blocking(move || {
@@ -811,15 +805,16 @@ async fn completions(State(app): State<Shared>, request: Request) -> Response {
     app.reply(result)
 }
 
-/// Renders `messages` with the model's chat template and tokenizes the
-/// result, as `lynx chat` does: the template writes the special tokens, so
-/// none are added again.
-pub fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
-    let text = tok
-        .apply_chat_template(messages, true)
-        .map_err(|e| ApiError::invalid("messages", format!("the chat template refused the messages: {e}")))?;
-    tok.encode(&text, false)
-        .map_err(|e| ApiError::invalid("messages", format!("the messages could not be tokenized: {e}")))
+/// The chat prompt for `messages` ([`Tokenizer::encode_chat`]), with its
+/// failure as a 400 that names the `messages` field.
+fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
+    tok.encode_chat(messages).map_err(|e| {
+        let why = match e {
+            crate::Error::ChatTemplate(_) => "the chat template refused the messages",
+            _ => "the messages could not be tokenized",
+        };
+        ApiError::invalid("messages", format!("{why}: {e}"))
+    })
 }
 
 /// Runs tokenising work off the async threads: a prompt near the body
@@ -908,13 +903,13 @@ impl App {
                 self.config.max_prompt_tokens
             )));
         }
-        if ids.len() >= self.context {
-            return Err(too_long(format!(
-                "the prompt has {} tokens; the model's context holds {}, and the reply needs at least one",
-                ids.len(),
-                self.context
-            )));
-        }
+        check_prompt(&self.model, &ids).map_err(|e| match e {
+            crate::Error::ContextOverflow { limit, .. } => too_long(format!(
+                "the prompt has {} tokens; the model's context holds {limit}, and the reply needs at least one",
+                ids.len()
+            )),
+            e => ApiError::invalid(param, e.to_string()),
+        })?;
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
         let opts = params.options(self.config.default_max_tokens);
         let handle = self.sched.submit(ids, opts).map_err(|e| match e {
