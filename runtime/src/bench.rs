@@ -7,10 +7,13 @@
 //! (`models/eval/heldout.txt`), a different window per sequence, so MoE
 //! routing sees the token mix it would see in use, not random ids.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::generate::StepSpec;
 use crate::gpu::{GpuModel, bench_selection};
+use crate::metrics::StepMetrics;
 use crate::model::Logits;
 use crate::selection::ExpertPolicy;
 use crate::tokenizer::Tokenizer;
@@ -97,9 +100,8 @@ fn argmax(row: &[f32]) -> u32 {
 /// times `steps` greedy decode steps of the whole batch, so that every
 /// policy decodes from the same state. One untimed warm-up step per policy
 /// (pipeline compilation, scratch allocation) runs before the timed ones.
-/// The model's policy is restored afterwards.
 pub fn bench_batch(
-    gpu: &mut GpuModel,
+    gpu: &GpuModel,
     prompts: &[Vec<u32>],
     policies: &[ExpertPolicy],
     steps: usize,
@@ -111,11 +113,12 @@ pub fn bench_batch(
         ));
     }
     let cfg = gpu.config.clone();
-    let before = gpu.policy();
-    gpu.collect_metrics = true;
+    // Every policy is checked against the model before anything runs.
+    for p in policies {
+        p.resolve_for(&cfg)?;
+    }
     let mut seqs: Vec<_> = (0..b).map(|_| gpu.new_sequence()).collect();
 
-    gpu.set_policy(ExpertPolicy::Exact)?;
     let start = Instant::now();
     let mut batch: Vec<_> = seqs.iter_mut().zip(prompts).map(|(s, p)| (s, p.as_slice())).collect();
     let logits = gpu.forward(&mut batch, Logits::Last)?;
@@ -127,64 +130,62 @@ pub fn bench_batch(
     let kv_row = (cfg.num_kv_heads * cfg.head_dim * 4 * 2 * cfg.num_layers) as f64;
     let moe_layers = gpu.expert_bytes_per_layer().iter().filter(|l| l.is_some()).count();
     let mut rows = Vec::new();
-    let result = (|| -> Result<()> {
-        for &policy in policies {
-            gpu.set_policy(policy)?;
-            for (s, p) in seqs.iter_mut().zip(prompts) {
-                s.truncate(p.len());
-            }
-            let mut next = first.clone();
-            let mut step = |seqs: &mut Vec<crate::gpu::GpuSequence>| -> Result<()> {
-                let mut batch: Vec<_> = seqs
-                    .iter_mut()
-                    .zip(next.iter())
-                    .map(|(s, t)| (s, t.as_slice()))
-                    .collect();
-                let logits = gpu.forward(&mut batch, Logits::Last)?;
-                next = logits.iter().map(|r| [argmax(r)]).collect();
-                Ok(())
-            };
-            step(&mut seqs)?; // Warm-up.
-            let (mut distinct, mut exact, mut expert_bytes, mut kv_bytes, mut decode_s) = (0.0, 0.0, 0.0, 0.0, 0.0);
-            for _ in 0..steps {
-                let cached: usize = seqs.iter().map(|s| s.len() + 1).sum();
-                let t0 = Instant::now();
-                step(&mut seqs)?;
-                decode_s += t0.elapsed().as_secs_f64();
-                let m = gpu
-                    .last_metrics()
-                    .ok_or_else(|| Error::Gpu("the step produced no metrics".into()))?;
-                distinct += m.mean_distinct_selected();
-                exact += m.mean_distinct_exact();
-                expert_bytes += m.expert_bytes() as f64;
-                kv_bytes += cached as f64 * kv_row;
-            }
-            let selection_s_per_step = match &cfg.moe {
-                Some(m) if !policy.is_exact() => {
-                    let resolved = policy.resolve(m.num_experts, m.top_k)?;
-                    bench_selection(&gpu.ctx, resolved, b, m.num_experts, m.top_k, 10)? * moe_layers as f64
-                }
-                _ => 0.0,
-            };
-            let n = steps as f64;
-            rows.push(BenchRow {
-                batch: b,
-                policy,
-                prefill_tokens,
-                prefill_s,
-                decode_tokens: b * steps,
-                decode_s,
-                distinct_experts: cfg.moe.is_some().then_some(distinct / n),
-                distinct_exact: cfg.moe.is_some().then_some(exact / n),
-                expert_bytes_per_step: expert_bytes / n,
-                weight_bytes_per_step: dense_bytes + expert_bytes / n,
-                kv_bytes_per_step: kv_bytes / n,
-                selection_s_per_step,
-            });
+    for &policy in policies {
+        for (s, p) in seqs.iter_mut().zip(prompts) {
+            s.truncate(p.len());
         }
-        Ok(())
-    })();
-    gpu.collect_metrics = false;
-    gpu.set_policy(before)?;
-    result.map(|()| rows)
+        let mut next = first.clone();
+        // One greedy decode step under the policy; returns its metrics.
+        let mut step = |seqs: &mut Vec<crate::gpu::GpuSequence>| -> Result<Arc<StepMetrics>> {
+            let mut batch: Vec<_> = seqs
+                .iter_mut()
+                .zip(next.iter())
+                .map(|(s, t)| (s, t.as_slice()))
+                .collect();
+            let out = gpu.run_blocking(&mut batch, StepSpec::decode(policy).with_metrics())?;
+            next = out.logits.iter().map(|r| [argmax(r)]).collect();
+            match &out.metrics[..] {
+                [m] => Ok(m.clone()),
+                _ => Err(Error::Gpu(format!(
+                    "a decode step of {b} tokens ran as {} engine steps",
+                    out.metrics.len()
+                ))),
+            }
+        };
+        step(&mut seqs)?; // Warm-up.
+        let (mut distinct, mut exact, mut expert_bytes, mut kv_bytes, mut decode_s) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for _ in 0..steps {
+            let cached: usize = seqs.iter().map(|s| s.len() + 1).sum();
+            let t0 = Instant::now();
+            let m = step(&mut seqs)?;
+            decode_s += t0.elapsed().as_secs_f64();
+            distinct += m.mean_distinct_selected();
+            exact += m.mean_distinct_exact();
+            expert_bytes += m.expert_bytes() as f64;
+            kv_bytes += cached as f64 * kv_row;
+        }
+        let selection_s_per_step = match &cfg.moe {
+            Some(m) if !policy.is_exact() => {
+                let resolved = policy.resolve(m.num_experts, m.top_k)?;
+                bench_selection(&gpu.ctx, resolved, b, m.num_experts, m.top_k, 10)? * moe_layers as f64
+            }
+            _ => 0.0,
+        };
+        let n = steps as f64;
+        rows.push(BenchRow {
+            batch: b,
+            policy,
+            prefill_tokens,
+            prefill_s,
+            decode_tokens: b * steps,
+            decode_s,
+            distinct_experts: cfg.moe.is_some().then_some(distinct / n),
+            distinct_exact: cfg.moe.is_some().then_some(exact / n),
+            expert_bytes_per_step: expert_bytes / n,
+            weight_bytes_per_step: dense_bytes + expert_bytes / n,
+            kv_bytes_per_step: kv_bytes / n,
+            selection_s_per_step,
+        });
+    }
+    Ok(rows)
 }

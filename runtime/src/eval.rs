@@ -36,12 +36,11 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc::Receiver;
 
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, generate_batch};
+use crate::generate::{GenerateOptions, StepOutput, StepSpec, generate_batch};
 use crate::gpu::{GpuModel, GpuSequence};
 use crate::metrics::StepMetrics;
 use crate::model::Logits;
@@ -415,42 +414,21 @@ pub fn window_starts(len: usize, n: usize, w: usize) -> Result<Vec<usize>> {
     Ok((0..n).map(|i| i * stride).collect())
 }
 
-/// Sets each policy in turn while the guard lives and restores the policy
-/// the model had before when it is dropped, also on an early error return.
-struct PolicyGuard<'a> {
-    gpu: &'a GpuModel,
-    saved: ExpertPolicy,
-}
-
-impl<'a> PolicyGuard<'a> {
-    /// Checks every policy against the model before anything runs, so that
-    /// a bad policy fails at once rather than after minutes of work.
-    fn new(gpu: &'a GpuModel, policies: &[ExpertPolicy]) -> Result<PolicyGuard<'a>> {
-        let guard = PolicyGuard {
-            gpu,
-            saved: gpu.policy(),
-        };
-        for p in policies {
-            gpu.set_policy(*p)?;
-        }
-        gpu.set_policy(guard.saved)?;
-        Ok(guard)
+/// Checks every policy against the model before anything runs, so that a
+/// bad policy fails at once rather than after minutes of work.
+fn check_policies(gpu: &GpuModel, policies: &[ExpertPolicy]) -> Result<()> {
+    for p in policies {
+        p.resolve_for(&gpu.config)?;
     }
+    Ok(())
 }
 
-impl Drop for PolicyGuard<'_> {
-    fn drop(&mut self) {
-        // The saved policy was accepted by this model before, so setting it
-        // again cannot fail for a reason a caller could act on.
-        let _ = self.gpu.set_policy(self.saved);
-    }
-}
-
-/// Runs one forward step for `seqs`, feeding `tokens[i]` to sequence `i`,
-/// and returns each sequence's last logits row.
-fn forward_step(gpu: &GpuModel, seqs: &mut [GpuSequence], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+/// Runs one forward step `spec` for `seqs`, feeding `tokens[i]` to
+/// sequence `i`; its output has each sequence's last logits row.
+fn forward_step(gpu: &GpuModel, seqs: &mut [GpuSequence], tokens: &[&[u32]], spec: StepSpec) -> Result<StepOutput> {
     let mut batch: Vec<(&mut GpuSequence, &[u32])> = seqs.iter_mut().zip(tokens.iter().copied()).collect();
-    let rows = gpu.forward(&mut batch, Logits::Last)?;
+    let out = gpu.run_blocking(&mut batch, spec)?;
+    let rows = &out.logits;
     if rows.len() != tokens.len() || rows.iter().any(|r| r.len() != gpu.config.vocab_size) {
         return Err(Error::Gpu(format!(
             "eval: the engine returned {} logits rows for {} sequences",
@@ -458,7 +436,7 @@ fn forward_step(gpu: &GpuModel, seqs: &mut [GpuSequence], tokens: &[&[u32]]) -> 
             tokens.len()
         )));
     }
-    Ok(rows)
+    Ok(out)
 }
 
 /// Writes the log-softmax of `logits` into `out` (in f64, so that sums over
@@ -487,9 +465,12 @@ fn log_softmax(logits: &[f32], out: &mut [f64]) -> Result<usize> {
 /// to `scores`. Every step of the schedule after the prefill must be a
 /// decode step of `batch` tokens; anything else means the policy was not
 /// applied as intended, and the numbers would be wrong.
-fn take_metrics(rx: &Receiver<Arc<StepMetrics>>, batch: usize, scores: Option<&mut TextScores>) -> Result<()> {
+fn take_metrics(metrics: &[Arc<StepMetrics>], batch: usize, scores: Option<&mut TextScores>) -> Result<()> {
     let mut scores = scores;
-    for m in rx.try_iter() {
+    if metrics.is_empty() {
+        return Err(Error::Gpu("eval: the decode step returned no metrics".into()));
+    }
+    for m in metrics {
         if !m.decode || m.tokens != batch {
             return Err(Error::Gpu(format!(
                 "eval: expected a decode step of {batch} tokens, the engine ran a {} step of {} tokens",
@@ -552,7 +533,7 @@ pub fn score_text(
     if let Some(&id) = windows.iter().flatten().find(|&&id| id as usize >= vocab) {
         return Err(Error::TokenOutOfRange { id, vocab });
     }
-    let _guard = PolicyGuard::new(gpu, policies)?;
+    check_policies(gpu, policies)?;
 
     // Run 0 is the reference; run i + 1 is policies[i].
     let runs: Vec<ExpertPolicy> = std::iter::once(ExpertPolicy::Exact)
@@ -567,7 +548,6 @@ pub fn score_text(
         };
         runs.len()
     ];
-    let metrics = gpu.subscribe();
     let total = rounds * runs.len() * (w - prefix);
     let mut done = 0;
     progress(Progress {
@@ -589,12 +569,10 @@ pub fn score_text(
             .iter()
             .map(|_| (0..batch).map(|_| gpu.new_sequence()).collect())
             .collect();
-        for (run, &policy) in runs.iter().enumerate() {
-            gpu.set_policy(policy)?;
+        for run_seqs in &mut seqs {
+            // Prefill steps route exactly whatever the policy.
             let prompts: Vec<&[u32]> = idx.iter().map(|&i| &windows[i][..prefix]).collect();
-            forward_step(gpu, &mut seqs[run], &prompts)?;
-            // Prefill steps route exactly whatever the policy; drop their metrics.
-            let _ = metrics.try_iter().count();
+            forward_step(gpu, run_seqs, &prompts, StepSpec::prefill(Logits::Last))?;
             done += 1;
             progress(Progress {
                 phase: "text",
@@ -605,9 +583,9 @@ pub fn score_text(
         for t in prefix..w - 1 {
             let feed: Vec<&[u32]> = idx.iter().map(|&i| &windows[i][t..t + 1]).collect();
             for (run, &policy) in runs.iter().enumerate() {
-                gpu.set_policy(policy)?;
-                let rows = forward_step(gpu, &mut seqs[run], &feed)?;
-                take_metrics(&metrics, batch, Some(&mut scores[run]))?;
+                let out = forward_step(gpu, &mut seqs[run], &feed, StepSpec::decode(policy).with_metrics())?;
+                take_metrics(&out.metrics, batch, Some(&mut scores[run]))?;
+                let rows = out.logits;
                 let s = &mut scores[run];
                 for (b, row) in rows.iter().enumerate() {
                     let window = idx[b];
@@ -699,10 +677,10 @@ pub fn run_qa(
             gpu.max_step_tokens
         )));
     }
-    let _guard = PolicyGuard::new(gpu, &[policy])?;
-    gpu.set_policy(policy)?;
+    check_policies(gpu, &[policy])?;
     let opts = GenerateOptions {
         max_new_tokens,
+        policy,
         // The default sampling is greedy: answers are deterministic, and a
         // change in an answer is the policy's doing.
         ..GenerateOptions::default()
@@ -731,7 +709,7 @@ pub fn eval_policies(
 ) -> Result<EvalReport> {
     opts.validate()?;
     // Check the policies before tokenising and running anything.
-    drop(PolicyGuard::new(gpu, policies)?);
+    check_policies(gpu, policies)?;
     let ids = tok.encode(&data.text, false)?;
     let starts = window_starts(ids.len(), opts.batch * opts.rounds, opts.window)?;
     let windows: Vec<Vec<u32>> = starts.iter().map(|&s| ids[s..s + opts.window].to_vec()).collect();

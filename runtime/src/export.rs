@@ -156,7 +156,11 @@ pub fn write_model_gguf_with(
         let dt = if want.fits_cols(cols) {
             want
         } else if let Some(f) = row_fallback(want).filter(|f| f.fits_cols(cols)) {
-            report.fallbacks.push((name.clone(), f, format!("rows of {cols} values are not whole {want} blocks")));
+            report.fallbacks.push((
+                name.clone(),
+                f,
+                format!("rows of {cols} values are not whole {want} blocks"),
+            ));
             f
         } else {
             report.fallbacks.push((
@@ -294,7 +298,10 @@ pub fn write_model_gguf_with(
         (key("attention.head_count_kv"), u(cfg.num_kv_heads)),
         (key("attention.key_length"), u(cfg.head_dim)),
         (key("attention.value_length"), u(cfg.head_dim)),
-        (key("attention.layer_norm_rms_epsilon"), GgufValue::F32(cfg.rms_norm_eps)),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            GgufValue::F32(cfg.rms_norm_eps),
+        ),
         (key("rope.freq_base"), GgufValue::F32(cfg.rope_theta)),
         (key("rope.dimension_count"), u(cfg.head_dim)),
         (key("vocab_size"), u(cfg.vocab_size)),

@@ -5,20 +5,109 @@
 //! `Model::forward` call per token, and sequences leave the batch as they
 //! finish.
 
+use std::sync::Arc;
+
 use crate::config::ModelConfig;
+use crate::metrics::StepMetrics;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::selection::ExpertPolicy;
 use crate::{Error, Logits, Model, Result, Sequence, Tokenizer};
 
-/// A forward pass that generation can drive: the CPU reference
-/// ([`Model`]) or the GPU engine ([`crate::gpu::GpuModel`]). Both take a batch
-/// of sequences with their new tokens and return one logits row per
-/// sequence (or per new token), with the same validation and errors.
+/// Which part of generation a forward call is. Selection policies apply to
+/// decode steps only; a prefill always routes exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Prompt tokens (any number per sequence).
+    Prefill,
+    /// One new token for each sequence, after its prompt.
+    Decode,
+}
+
+/// What one forward call computes: which logits to return, the phase, and
+/// the expert policy of a decode step. The caller, which knows what it is
+/// running, says so with each call; the engine keeps no policy of its own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepSpec {
+    pub logits: Logits,
+    pub phase: Phase,
+    /// The expert-selection policy; it applies only when `phase` is
+    /// `Decode`, and must suit the model ([`ExpertPolicy::resolve_for`]).
+    pub policy: ExpertPolicy,
+    /// Return the step's routing metrics ([`StepOutput::metrics`]). The GPU
+    /// engine also computes them while anyone subscribes to its metrics
+    /// stream; collecting them costs one small read-back per step.
+    pub metrics: bool,
+}
+
+impl StepSpec {
+    /// A prefill: exact routing, no metrics asked for.
+    pub fn prefill(logits: Logits) -> StepSpec {
+        StepSpec {
+            logits,
+            phase: Phase::Prefill,
+            policy: ExpertPolicy::Exact,
+            metrics: false,
+        }
+    }
+
+    /// A decode step under `policy`, returning each sequence's last logits.
+    pub fn decode(policy: ExpertPolicy) -> StepSpec {
+        StepSpec {
+            logits: Logits::Last,
+            phase: Phase::Decode,
+            policy,
+            metrics: false,
+        }
+    }
+
+    /// The same step, with its metrics returned.
+    pub fn with_metrics(self) -> StepSpec {
+        StepSpec { metrics: true, ..self }
+    }
+}
+
+/// What a forward call returns: one logits row per sequence (or per new
+/// token, with `Logits::All`), and the routing metrics of each engine step
+/// it ran, when they were collected (a long prefill runs in several steps;
+/// the CPU reference reports none).
+#[derive(Clone, Debug, Default)]
+pub struct StepOutput {
+    pub logits: Vec<Vec<f32>>,
+    pub metrics: Vec<Arc<StepMetrics>>,
+}
+
+/// Checks that a batch of (cached length, new tokens) is a decode step: one
+/// new token for each sequence, after its prompt. The engines call it for
+/// [`Phase::Decode`], so a policy never rewrites a prefill's routing.
+pub(crate) fn check_decode(batch: impl IntoIterator<Item = (usize, usize)>) -> Result<()> {
+    for (cached, new) in batch {
+        if new != 1 || cached == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "a decode step feeds one token to each sequence after its prompt; \
+                 got {new} new tokens after {cached} cached"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A forward pass that generation and serving drive: the CPU reference
+/// ([`Model`]) or the GPU engine ([`crate::gpu::GpuModel`]). Both take a
+/// batch of sequences with their new tokens and a [`StepSpec`], with the
+/// same validation and errors.
+///
+/// The pass is async because the GPU engine's read-backs complete on the
+/// JS event loop in a browser; the CPU reference never waits. Native code
+/// blocks once, at the top (`generate_batch`, `Scheduler::run`).
+// The futures are awaited where they are made (a page, or `block_on`), so
+// they need no `Send` bound.
+#[allow(async_fn_in_trait)]
 pub trait Engine {
     /// Per-sequence state (the KV cache).
     type Seq;
     fn config(&self) -> &ModelConfig;
     fn new_sequence(&self) -> Self::Seq;
-    fn forward(&self, batch: &mut [(&mut Self::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>>;
+    async fn run(&self, batch: &mut [(&mut Self::Seq, &[u32])], spec: StepSpec) -> Result<StepOutput>;
 }
 
 impl Engine for Model {
@@ -29,14 +118,11 @@ impl Engine for Model {
     fn new_sequence(&self) -> Sequence {
         Model::new_sequence(self)
     }
-    fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
-        Model::forward(self, batch, logits)
+    async fn run(&self, batch: &mut [(&mut Sequence, &[u32])], spec: StepSpec) -> Result<StepOutput> {
+        Model::run(self, batch, spec)
     }
 }
 
-// Natively the GPU engine's forward pass blocks on its read-back; in the
-// browser only its async form exists (see `AsyncEngine`).
-#[cfg(not(target_arch = "wasm32"))]
 impl Engine for crate::gpu::GpuModel {
     type Seq = crate::gpu::GpuSequence;
     fn config(&self) -> &ModelConfig {
@@ -45,8 +131,8 @@ impl Engine for crate::gpu::GpuModel {
     fn new_sequence(&self) -> Self::Seq {
         crate::gpu::GpuModel::new_sequence(self)
     }
-    fn forward(&self, batch: &mut [(&mut Self::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
-        crate::gpu::GpuModel::forward(self, batch, logits)
+    async fn run(&self, batch: &mut [(&mut Self::Seq, &[u32])], spec: StepSpec) -> Result<StepOutput> {
+        crate::gpu::GpuModel::run(self, batch, spec).await
     }
 }
 
@@ -61,6 +147,12 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Stop when the model produces one of the tokenizer's EOS tokens.
     pub stop_on_eos: bool,
+    /// The expert-selection policy of the decode steps (prefill always
+    /// routes exactly). A policy acts on a whole decode batch, so the
+    /// serving loop, which batches many clients' requests, applies its own
+    /// ([`crate::serving::Scheduler::set_policy`]) and refuses requests
+    /// that name one.
+    pub policy: ExpertPolicy,
 }
 
 impl Default for GenerateOptions {
@@ -70,6 +162,7 @@ impl Default for GenerateOptions {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             stop_on_eos: true,
+            policy: ExpertPolicy::Exact,
         }
     }
 }
@@ -118,6 +211,7 @@ pub struct Generation {
 
 /// Generates from one prompt; see `generate_batch`. The sampler is seeded
 /// with `opts.sampling.seed` itself.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn generate<E: Engine>(
     model: &E,
     tok: &Tokenizer,
@@ -148,6 +242,7 @@ pub fn generate<E: Engine>(
 /// token in the context (`len >= max_position_embeddings`) gives
 /// `Error::ContextOverflow`, and an id outside the model's vocabulary gives
 /// `Error::TokenOutOfRange`.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn generate_batch<E: Engine>(
     model: &E,
     tok: &Tokenizer,
@@ -155,71 +250,14 @@ pub fn generate_batch<E: Engine>(
     opts: &GenerateOptions,
     on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Generation>> {
-    // The engine is synchronous, so each awaited pass is done when polled.
-    pollster::block_on(generate_batch_async(&Blocking(model), tok, prompts, opts, on_text))
+    // The one place generation blocks: natively the GPU engine's read-backs
+    // poll the device themselves, so the future only waits on the GPU.
+    pollster::block_on(generate_batch_async(model, tok, prompts, opts, on_text))
 }
 
-/// A forward pass that can wait without blocking: the GPU engine in the
-/// browser, where read-backs complete on the JS event loop. The CPU
-/// reference implements it too (it never waits), so a page runs either
-/// engine through the same generation code.
-// The futures are awaited where they are made (a page, or `block_on`), so
-// they need no `Send` bound.
-#[allow(async_fn_in_trait)]
-pub trait AsyncEngine {
-    type Seq;
-    fn config(&self) -> &ModelConfig;
-    fn new_sequence(&self) -> Self::Seq;
-    async fn forward_async(&self, batch: &mut [(&mut Self::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>>;
-}
-
-impl AsyncEngine for Model {
-    type Seq = Sequence;
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-    fn new_sequence(&self) -> Sequence {
-        Model::new_sequence(self)
-    }
-    async fn forward_async(&self, batch: &mut [(&mut Sequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
-        Model::forward(self, batch, logits)
-    }
-}
-
-impl AsyncEngine for crate::gpu::GpuModel {
-    type Seq = crate::gpu::GpuSequence;
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-    fn new_sequence(&self) -> Self::Seq {
-        crate::gpu::GpuModel::new_sequence(self)
-    }
-    async fn forward_async(&self, batch: &mut [(&mut Self::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
-        crate::gpu::GpuModel::forward_async(self, batch, logits).await
-    }
-}
-
-/// A synchronous [`Engine`] seen as an [`AsyncEngine`] whose forward pass is
-/// done when it is first polled, so one loop body serves both (`generate_batch`, `Scheduler::run`).
-pub(crate) struct Blocking<'e, E>(pub(crate) &'e E);
-
-impl<E: Engine> AsyncEngine for Blocking<'_, E> {
-    type Seq = E::Seq;
-    fn config(&self) -> &ModelConfig {
-        self.0.config()
-    }
-    fn new_sequence(&self) -> E::Seq {
-        self.0.new_sequence()
-    }
-    async fn forward_async(&self, batch: &mut [(&mut E::Seq, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
-        self.0.forward(batch, logits)
-    }
-}
-
-/// [`generate_batch`] over an [`AsyncEngine`]: the same steps, sampling,
-/// stop strings and streaming ([`BatchGeneration`]), awaiting each forward
-/// pass instead of blocking on it.
-pub async fn generate_batch_async<E: AsyncEngine>(
+/// [`generate_batch`] without blocking: the same steps, sampling, stop
+/// strings and streaming ([`BatchGeneration`]), awaiting each forward pass.
+pub async fn generate_batch_async<E: Engine>(
     model: &E,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
@@ -227,12 +265,15 @@ pub async fn generate_batch_async<E: AsyncEngine>(
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Generation>> {
     let mut g = BatchGeneration::new(model.config(), tok, prompts, opts, || model.new_sequence())?;
-    while let Some(mut batch) = g.next_batch() {
-        let logits = model.forward_async(&mut batch, Logits::Last).await?;
-        g.accept(logits, &mut on_text)?;
+    while let Some((spec, mut batch)) = g.next_batch() {
+        let out = model.run(&mut batch, spec).await?;
+        g.accept(out.logits, &mut on_text)?;
     }
     Ok(g.finish())
 }
+
+/// A forward call's batch: each sequence's engine state and its new tokens.
+pub type Batch<'a, S> = Vec<(&'a mut S, &'a [u32])>;
 
 /// A batched generation driven one forward pass at a time, by whoever runs
 /// the engine: [`generate_batch`] blocks on each pass, [`generate_batch_async`]
@@ -242,9 +283,9 @@ pub async fn generate_batch_async<E: AsyncEngine>(
 ///
 /// ```text
 /// let mut g = BatchGeneration::new(config, tok, prompts, opts, || engine.new_sequence())?;
-/// while let Some(mut batch) = g.next_batch() {
-///     let logits = engine.forward(&mut batch, Logits::Last)?;   // or .await
-///     g.accept(logits, |seq, text| ...)?;
+/// while let Some((spec, mut batch)) = g.next_batch() {
+///     let out = engine.run(&mut batch, spec).await?;
+///     g.accept(out.logits, |seq, text| ...)?;
 /// }
 /// let generations = g.finish();
 /// ```
@@ -258,6 +299,7 @@ pub struct BatchGeneration<'t, S> {
     prefilled: bool,
     /// The model's context length.
     limit: usize,
+    policy: ExpertPolicy,
 }
 
 impl<'t, S> BatchGeneration<'t, S> {
@@ -275,6 +317,7 @@ impl<'t, S> BatchGeneration<'t, S> {
             // An empty stop string would match before the first token.
             return Err(Error::InvalidArgument(format!("stop string {i} is empty")));
         }
+        opts.policy.resolve_for(config)?;
         for (i, prompt) in prompts.iter().enumerate() {
             check_prompt(config, prompt).map_err(|e| match e {
                 Error::InvalidArgument(why) => Error::InvalidArgument(format!("prompt {i}: {why}")),
@@ -304,34 +347,38 @@ impl<'t, S> BatchGeneration<'t, S> {
             active,
             prefilled: false,
             limit: config.max_position_embeddings,
+            policy: opts.policy,
         })
     }
 
     /// The next forward pass to run, or `None` when every sequence has
     /// finished: first every prompt in one batched prefill (only each
-    /// prompt's last logits are needed), then one decode step for every
-    /// unfinished sequence. Run it with `Logits::Last` and hand the logits
-    /// to [`BatchGeneration::accept`].
-    pub fn next_batch(&mut self) -> Option<Vec<(&mut S, &[u32])>> {
+    /// prompt's last logits are needed), then one decode step (under the
+    /// options' expert policy) for every unfinished sequence. Run the batch
+    /// with its [`StepSpec`] and hand the logits to
+    /// [`BatchGeneration::accept`].
+    pub fn next_batch(&mut self) -> Option<(StepSpec, Batch<'_, S>)> {
         if self.active.is_empty() {
             return None;
         }
         if !self.prefilled {
-            return Some(
+            return Some((
+                StepSpec::prefill(Logits::Last),
                 self.states
                     .iter_mut()
                     .zip(&self.prompts)
                     .map(|(s, p)| (&mut s.seq, p.as_slice()))
                     .collect(),
-            );
+            ));
         }
-        Some(
+        Some((
+            StepSpec::decode(self.policy),
             self.states
                 .iter_mut()
                 .filter(|s| s.finish.is_none())
                 .map(SeqState::decode_input)
                 .collect(),
-        )
+        ))
     }
 
     /// Samples one token per sequence of the last batch from its logits and
@@ -367,10 +414,7 @@ impl<'t, S> BatchGeneration<'t, S> {
 
     /// One [`Generation`] per prompt, in prompt order.
     pub fn finish(self) -> Vec<Generation> {
-        self.states
-            .into_iter()
-            .map(SeqState::into_generation)
-            .collect()
+        self.states.into_iter().map(SeqState::into_generation).collect()
     }
 }
 

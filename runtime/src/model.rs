@@ -21,7 +21,9 @@ use rayon::prelude::*;
 
 use crate::config::{ModelConfig, RopeStyle, Routing};
 use crate::error::{Error, Result};
+use crate::generate::{Phase, StepOutput, StepSpec, check_decode};
 use crate::linear::{QLinear, dot};
+use crate::selection::{Resolved, select_cpu};
 use crate::tensor::{DType, QTensor, WeightVec, quantize};
 
 /// SwiGLU MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
@@ -128,7 +130,38 @@ impl Model {
     /// Returns one logits vector per sequence, as selected by `logits`.
     /// All inputs are validated before any cache is touched, so an error
     /// leaves every sequence as it was.
+    ///
+    /// Routing is exact; [`Model::run`] runs a decode step under a
+    /// selection policy.
     pub fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
+        self.forward_routed(batch, logits, Resolved::Exact)
+    }
+
+    /// One forward call as [`crate::generate::Engine::run`] describes it:
+    /// in a decode step the batch's routing goes through the policy's
+    /// oracle ([`select_cpu`]) before the experts run, as the GPU engine's
+    /// selection kernels do, so a whole forward pass under any policy has a
+    /// reference. The CPU reports no step metrics.
+    pub fn run(&self, batch: &mut [(&mut Sequence, &[u32])], spec: StepSpec) -> Result<StepOutput> {
+        let policy = match spec.phase {
+            Phase::Prefill => Resolved::Exact,
+            Phase::Decode => {
+                check_decode(batch.iter().map(|(s, t)| (s.len, t.len())))?;
+                spec.policy.resolve_for(&self.config)?
+            }
+        };
+        Ok(StepOutput {
+            logits: self.forward_routed(batch, spec.logits, policy)?,
+            metrics: Vec::new(),
+        })
+    }
+
+    fn forward_routed(
+        &self,
+        batch: &mut [(&mut Sequence, &[u32])],
+        logits: Logits,
+        policy: Resolved,
+    ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
         if !self.is_resident() {
             return Err(Error::InvalidArgument(
@@ -176,7 +209,7 @@ impl Model {
             let h = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps);
             let ffn = match &layer.ffn {
                 Ffn::Dense(mlp) => mlp.forward(&h, n),
-                Ffn::Moe(moe) => self.moe(moe, &h, n),
+                Ffn::Moe(moe) => self.moe(moe, &h, n, policy),
             };
             add_assign(&mut x, &ffn);
         }
@@ -299,7 +332,7 @@ impl Model {
     /// Routed experts for (N, C) inputs. Tokens are grouped by expert, so
     /// each active expert's weights are read once per call for all of its
     /// tokens, as the GPU engine does.
-    fn moe(&self, moe: &Moe, h: &[f32], n: usize) -> Vec<f32> {
+    fn moe(&self, moe: &Moe, h: &[f32], n: usize, policy: Resolved) -> Vec<f32> {
         let cfg = &self.config;
         let mc = cfg.moe.as_ref().expect("MoE layer in a model without an MoE config");
         let c = cfg.hidden_size;
@@ -307,9 +340,24 @@ impl Model {
         let e_count = moe.experts.len();
         // Per expert: (token row, routing weight).
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e_count];
-        for t in 0..n {
-            for (e, w) in route(&router_logits[t * e_count..(t + 1) * e_count], mc.top_k, mc.routing) {
-                assigned[e].push((t, w));
+        if policy == Resolved::Exact {
+            for t in 0..n {
+                for (e, w) in route(&router_logits[t * e_count..(t + 1) * e_count], mc.top_k, mc.routing) {
+                    assigned[e].push((t, w));
+                }
+            }
+        } else {
+            // The batch's exact top-K choices, best first, rewritten by the
+            // policy; padded slots keep weight 0 and add nothing.
+            let k = mc.top_k;
+            let ids: Vec<u32> = (0..n)
+                .flat_map(|t| route(&router_logits[t * e_count..(t + 1) * e_count], k, mc.routing))
+                .map(|(e, _)| e as u32)
+                .collect();
+            let renormalize = mc.routing.renormalize || !mc.routing.softmax_then_topk;
+            let sel = select_cpu(policy, &router_logits, &ids, e_count, k, renormalize);
+            for (slot, (&e, &w)) in sel.ids.iter().zip(&sel.weights).enumerate() {
+                assigned[e as usize].push((slot / k, w));
             }
         }
         let mut out = vec![0f32; n * c];

@@ -200,6 +200,18 @@ pub enum Resolved {
 }
 
 impl ExpertPolicy {
+    /// Checks the policy against a model: an MoE model's E and K (see
+    /// [`ExpertPolicy::resolve`]); a dense model accepts only `exact`.
+    pub fn resolve_for(&self, config: &crate::ModelConfig) -> Result<Resolved> {
+        match &config.moe {
+            Some(m) => self.resolve(m.num_experts, m.top_k),
+            None if self.is_exact() => Ok(Resolved::Exact),
+            None => Err(Error::InvalidArgument(format!(
+                "expert policy `{self}` needs an MoE model; this one is dense"
+            ))),
+        }
+    }
+
     /// Checks the policy against the model's E and K and fills in defaults.
     pub fn resolve(&self, e: usize, k: usize) -> Result<Resolved> {
         Ok(match *self {

@@ -25,8 +25,9 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use web_time::Instant;
 
 use crate::error::{Error, Result};
-use crate::generate::{AsyncEngine, Blocking, Engine, FinishReason, GenerateOptions, SeqState, check_prompt};
+use crate::generate::{Engine, FinishReason, GenerateOptions, SeqState, StepSpec, check_prompt};
 use crate::model::Logits;
+use crate::selection::ExpertPolicy;
 use crate::tokenizer::Tokenizer;
 
 /// What a request's channel receives.
@@ -212,6 +213,8 @@ struct Shared {
     shutdown: bool,
     /// Why the loop stopped, once the engine panicked inside it.
     failure: Option<String>,
+    /// The expert policy of the following decode steps.
+    policy: ExpertPolicy,
     next_id: u64,
     stats: SchedulerStats,
 }
@@ -235,6 +238,7 @@ impl Scheduler {
                 queue: VecDeque::new(),
                 shutdown: false,
                 failure: None,
+                policy: ExpertPolicy::Exact,
                 next_id: 0,
                 stats: SchedulerStats::default(),
             }),
@@ -288,6 +292,13 @@ impl Scheduler {
     fn check(prompt: &[u32], opts: &GenerateOptions) -> std::result::Result<(), SubmitError> {
         if prompt.is_empty() {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if !opts.policy.is_exact() {
+            // A policy acts on the whole decode batch, which mixes clients.
+            return Err(SubmitError::Invalid(format!(
+                "a request cannot choose the expert policy (`{}`); the serving loop applies its own",
+                opts.policy
+            )));
         }
         opts.sampling
             .validate()
@@ -358,6 +369,18 @@ impl Scheduler {
         self.lock().stats
     }
 
+    /// Sets the expert policy of the following decode steps (prefills
+    /// always route exactly). Check it against the model first
+    /// ([`ExpertPolicy::resolve_for`]): a policy the model cannot run fails
+    /// the requests of every decode step.
+    pub fn set_policy(&self, policy: ExpertPolicy) {
+        self.lock().policy = policy;
+    }
+
+    pub fn policy(&self) -> ExpertPolicy {
+        self.lock().policy
+    }
+
     /// Why the loop stopped, if the engine panicked inside it (see
     /// [`Scheduler::run`]); `None` while it is healthy.
     pub fn failure(&self) -> Option<String> {
@@ -370,8 +393,8 @@ impl Scheduler {
     /// sequences of the step) can no longer be trusted, so every running
     /// and queued request gets an `Error` event, later submissions get
     /// [`SubmitError::Failed`], and [`Scheduler::failure`] says why.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn run<E: Engine>(&self, engine: &E, tok: &Tokenizer) {
-        let engine = Blocking(engine);
         let mut running: Vec<Running<E::Seq>> = Vec::new();
         while let Some(admitted) = self.admit(&mut running, true) {
             // The step consumes `admitted` and may drop finished requests, so
@@ -381,10 +404,11 @@ impl Scheduler {
                 .map(|r| r.events.clone())
                 .chain(admitted.iter().map(|p| p.events.clone()))
                 .collect();
-            // The engine is synchronous, so the step's future is ready as
-            // soon as it is polled: this blocks exactly as long as the step.
+            // The one place the loop blocks: natively the GPU engine's
+            // read-backs poll the device themselves, so the step's future
+            // only waits on the GPU.
             let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                pollster::block_on(self.step(&engine, tok, &mut running, admitted))
+                pollster::block_on(self.step(engine, tok, &mut running, admitted))
             }));
             if let Err(payload) = step {
                 let what = payload
@@ -401,6 +425,7 @@ impl Scheduler {
 
     /// Marks the scheduler failed and ends every request it still holds,
     /// and those of `told` (the step that failed), with an error.
+    #[cfg(not(target_arch = "wasm32"))]
     fn fail(&self, why: String, told: &[Sender<Event>]) {
         let mut s = self.lock();
         let mut ended = told.len();
@@ -425,7 +450,7 @@ impl Scheduler {
     /// submit in between: `busy` says whether requests are running (pause
     /// briefly) or nothing is left to do (wait longer; nothing else wakes an
     /// idle loop). Returns after [`Scheduler::shutdown`].
-    pub async fn run_async<E: AsyncEngine, P: std::future::Future<Output = ()>>(
+    pub async fn run_async<E: Engine, P: std::future::Future<Output = ()>>(
         &self,
         engine: &E,
         tok: &Tokenizer,
@@ -470,7 +495,7 @@ impl Scheduler {
 
     /// One iteration after admission: drop cancelled requests, prefill the
     /// newcomers together, then one decode step for everyone running.
-    async fn step<E: AsyncEngine>(
+    async fn step<E: Engine>(
         &self,
         engine: &E,
         tok: &Tokenizer,
@@ -478,6 +503,7 @@ impl Scheduler {
         admitted: Vec<Pending>,
     ) {
         let limit = engine.config().max_position_embeddings;
+        let policy = self.lock().policy;
         // Cancelled requests leave before any compute is spent on them;
         // dropping a sequence frees its KV cache.
         let before = running.len();
@@ -524,9 +550,9 @@ impl Scheduler {
                 .zip(&prompts)
                 .map(|(r, p)| (&mut r.state.seq, p.as_slice()))
                 .collect();
-            match engine.forward_async(&mut batch, Logits::Last).await {
-                Ok(logits) => {
-                    for (r, row) in fresh.iter_mut().zip(&logits) {
+            match engine.run(&mut batch, StepSpec::prefill(Logits::Last)).await {
+                Ok(out) => {
+                    for (r, row) in fresh.iter_mut().zip(&out.logits) {
                         let _ = r.events.send(Event::Started {
                             prompt_tokens: r.state.prompt_tokens,
                         });
@@ -551,13 +577,12 @@ impl Scheduler {
         let mut step_s = 0.0;
         if !running.is_empty() {
             let t0 = Instant::now();
-            let mut batch: Vec<(&mut E::Seq, &[u32])> =
-                running.iter_mut().map(|r| r.state.decode_input()).collect();
-            match engine.forward_async(&mut batch, Logits::Last).await {
-                Ok(logits) => {
+            let mut batch: Vec<(&mut E::Seq, &[u32])> = running.iter_mut().map(|r| r.state.decode_input()).collect();
+            match engine.run(&mut batch, StepSpec::decode(policy)).await {
+                Ok(out) => {
                     step_s = t0.elapsed().as_secs_f64();
                     step_tokens = running.len();
-                    for (r, row) in running.iter_mut().zip(&logits) {
+                    for (r, row) in running.iter_mut().zip(&out.logits) {
                         let outcome = Self::advance(r, row, tok, limit);
                         ended.record(r.id, &r.events, outcome);
                     }

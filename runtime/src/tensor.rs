@@ -521,7 +521,10 @@ pub fn k_scale_min(s: &[u8], j: usize) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        ((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
     }
 }
 
@@ -592,7 +595,10 @@ pub fn quantize(dtype: DType, values: &[f32]) -> Vec<u8> {
                 let max = blk.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
                 let d = max / -16.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                let q: Vec<u8> = blk.iter().map(|&v| ((v * id + 16.5) as i32).clamp(0, 31) as u8).collect();
+                let q: Vec<u8> = blk
+                    .iter()
+                    .map(|&v| ((v * id + 16.5) as i32).clamp(0, 31) as u8)
+                    .collect();
                 out.extend(f16::from_f32(d).to_le_bytes());
                 push_q5(&mut out, &q);
             }
@@ -702,7 +708,10 @@ pub fn quantize(dtype: DType, values: &[f32]) -> Vec<u8> {
 
 /// Appends the `qh` word and the nibbles of a Q5_0/Q5_1 block of 5-bit `q`.
 fn push_q5(out: &mut Vec<u8>, q: &[u8]) {
-    let qh = q.iter().enumerate().fold(0u32, |h, (j, &v)| h | (((v >> 4) as u32) << j));
+    let qh = q
+        .iter()
+        .enumerate()
+        .fold(0u32, |h, (j, &v)| h | (((v >> 4) as u32) << j));
     out.extend(qh.to_le_bytes());
     for j in 0..QK / 2 {
         out.push((q[j] & 0x0F) | ((q[j + QK / 2] & 0x0F) << 4));
@@ -841,7 +850,8 @@ mod tests {
     /// NumPy transcription of ggml's `dequantize_row_*`.
     #[test]
     fn dequantize_matches_gguf_py_fixture() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures/quants/blocks.safetensors");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures/quants/blocks.safetensors");
         let file = std::fs::read(&path).expect("read the quant fixture");
         let st = safetensors::SafeTensors::deserialize(&file).expect("parse the quant fixture");
         let quantized: Vec<DType> = DType::ALL.into_iter().filter(|d| d.is_quantized()).collect();

@@ -111,7 +111,10 @@ fn quantize_writes_llama_cpp_layouts_and_reports_fallbacks() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("qwen2moe architecture") && err.contains("embedding Q8_0"), "{err}");
+    assert!(
+        err.contains("qwen2moe architecture") && err.contains("embedding Q8_0"),
+        "{err}"
+    );
     assert!(
         err.contains("blk.0.attn_q.weight: Q5_0 (rows of 64 values are not whole Q4_K blocks)"),
         "{err}"
@@ -120,7 +123,14 @@ fn quantize_writes_llama_cpp_layouts_and_reports_fallbacks() {
     assert_eq!(code, 0, "{err}");
     assert!(inspect.contains("qwen2_moe") && inspect.contains("Q5_0"), "{inspect}");
 
-    let (code, _, err) = lynx(&["quantize", model.to_str().unwrap(), "--to", "iq4_xs", "-o", out.to_str().unwrap()]);
+    let (code, _, err) = lynx(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "--to",
+        "iq4_xs",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("unknown format `iq4_xs`") && err.contains("q4_k"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -63,9 +63,17 @@ pub fn read_golden_file(path: &Path) -> Vec<GoldenSeq> {
 pub fn prefill_all<E: lynx::generate::Engine>(engine: &E, prompts: &[&[u32]]) -> Vec<Vec<f32>> {
     let mut seqs: Vec<_> = prompts.iter().map(|_| engine.new_sequence()).collect();
     let mut batch: Vec<_> = seqs.iter_mut().zip(prompts).map(|(s, p)| (s, *p)).collect();
-    engine
-        .forward(&mut batch, lynx::Logits::All)
-        .unwrap_or_else(|e| panic!("batched prefill: {e}"))
+    forward(engine, &mut batch, lynx::Logits::All).unwrap_or_else(|e| panic!("batched prefill: {e}"))
+}
+
+/// One exact-routing forward call on any engine, blocking on it: the
+/// tests' shorthand for `Engine::run` with `StepSpec::prefill`.
+pub fn forward<E: lynx::generate::Engine>(
+    engine: &E,
+    batch: &mut [(&mut E::Seq, &[u32])],
+    logits: lynx::Logits,
+) -> lynx::Result<Vec<Vec<f32>>> {
+    pollster::block_on(engine.run(batch, lynx::generate::StepSpec::prefill(logits))).map(|o| o.logits)
 }
 
 /// The token ids of each golden sequence.
@@ -75,11 +83,7 @@ pub fn golden_ids(golden: &[GoldenSeq]) -> Vec<&[u32]> {
 
 /// Polls `server`'s scheduler until `cond` holds, failing the test after
 /// two minutes with `what` and the last statistics.
-pub fn wait_for(
-    server: &lynx::server::Server,
-    what: &str,
-    cond: impl Fn(&lynx::serving::SchedulerStats) -> bool,
-) {
+pub fn wait_for(server: &lynx::server::Server, what: &str, cond: impl Fn(&lynx::serving::SchedulerStats) -> bool) {
     let t0 = std::time::Instant::now();
     while !cond(&server.stats()) {
         assert!(

@@ -52,7 +52,12 @@ impl RealGguf {
         for probe in g["tokenizer_probes"].as_array().expect("tokenizer_probes") {
             let text = probe["text"].as_str().unwrap();
             let want = json_ids(&probe["ids"]);
-            assert_eq!(tok.encode(text, true).unwrap(), want, "{}: encoding {text:?}", self.name);
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                want,
+                "{}: encoding {text:?}",
+                self.name
+            );
             assert_eq!(
                 tok.decode(&want, false).unwrap(),
                 probe["decoded"].as_str().unwrap(),
@@ -66,7 +71,12 @@ impl RealGguf {
             content: "What is the capital of France?".into(),
         }];
         let rendered = tok.apply_chat_template(&msgs, true).unwrap();
-        assert_eq!(rendered, chat["prompt_text"].as_str().unwrap(), "{}: chat template", self.name);
+        assert_eq!(
+            rendered,
+            chat["prompt_text"].as_str().unwrap(),
+            "{}: chat template",
+            self.name
+        );
         assert_eq!(
             tok.encode(&rendered, true).unwrap(),
             json_ids(&chat["prompt_ids"]),
@@ -81,8 +91,7 @@ impl RealGguf {
     pub fn check_last_logits<E: Engine>(&self, engine: &E, what: &str, tol: f32, nmse_tol: f64) -> (f32, f64) {
         let prompt = json_ids(&self.golden["prompts"]["plain"]["prompt_ids"]);
         let mut seq = engine.new_sequence();
-        let got = engine
-            .forward(&mut [(&mut seq, &prompt[..])], Logits::Last)
+        let got = crate::forward(engine, &mut [(&mut seq, &prompt[..])], Logits::Last)
             .unwrap()
             .remove(0);
         let want = self.last_logits();
@@ -131,7 +140,11 @@ impl RealGguf {
                 "{} ({what}) {name}: text",
                 self.name
             );
-            assert_eq!(streamed, out.text, "{} ({what}) {name}: streamed text equals the final text", self.name);
+            assert_eq!(
+                streamed, out.text,
+                "{} ({what}) {name}: streamed text equals the final text",
+                self.name
+            );
             eprintln!("{} ({what}) {name}: {:?}", self.name, out.text);
         }
     }

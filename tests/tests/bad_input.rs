@@ -267,13 +267,43 @@ fn unsupported_gguf_features_name_the_key() {
     use lynx::gguf::GgufValue::{self as V, U32};
     let src = fixtures_dir().join("gguf/qwen3moe.gguf");
     let cases: [(&str, &str, Option<lynx::gguf::GgufValue>, &str); 6] = [
-        ("u-no-experts", "qwen3moe.expert_count", None, "this architecture has experts"),
-        ("u-yarn", "qwen3moe.rope.scaling.type", Some(V::String("yarn".into())), "rope scaling `yarn`"),
-        ("u-partial-rope", "qwen3moe.rope.dimension_count", Some(U32(32)), "partial rotary"),
-        ("u-value-length", "qwen3moe.attention.value_length", Some(U32(32)), "differs from the key length"),
-        ("u-arch", "general.architecture", Some(V::String("gemma3".into())), "qwen3moe"),
+        (
+            "u-no-experts",
+            "qwen3moe.expert_count",
+            None,
+            "this architecture has experts",
+        ),
+        (
+            "u-yarn",
+            "qwen3moe.rope.scaling.type",
+            Some(V::String("yarn".into())),
+            "rope scaling `yarn`",
+        ),
+        (
+            "u-partial-rope",
+            "qwen3moe.rope.dimension_count",
+            Some(U32(32)),
+            "partial rotary",
+        ),
+        (
+            "u-value-length",
+            "qwen3moe.attention.value_length",
+            Some(U32(32)),
+            "differs from the key length",
+        ),
+        (
+            "u-arch",
+            "general.architecture",
+            Some(V::String("gemma3".into())),
+            "qwen3moe",
+        ),
         // Validation names the key with this file's architecture prefix.
-        ("u-topk", "qwen3moe.expert_used_count", Some(U32(0)), "must be between 1"),
+        (
+            "u-topk",
+            "qwen3moe.expert_used_count",
+            Some(U32(0)),
+            "must be between 1",
+        ),
     ];
     for (tag, key, value, want) in cases {
         let path = rewrite_gguf(&src, tag, |m| match &value {

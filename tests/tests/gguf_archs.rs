@@ -93,7 +93,10 @@ fn cpu_reference_matches_transformers_on_llama_cpp_ggufs() {
         DType::Q4_0,
         DType::Q4_1,
     ] {
-        assert!(seen.contains(&dt.to_string()), "no fixture stores a tensor as {dt}: {seen:?}");
+        assert!(
+            seen.contains(&dt.to_string()),
+            "no fixture stores a tensor as {dt}: {seen:?}"
+        );
     }
 }
 
@@ -117,9 +120,14 @@ fn gpu_engine_matches_transformers_on_llama_cpp_ggufs() {
         let first = gpu.forward(&mut [(&mut s, &g.ids[..2])], Logits::Last).unwrap();
         decode = decode.max(max_abs_diff(&first[0], &g.logits[v..2 * v]).0);
         for pos in 2..g.ids.len() {
-            let out = gpu.forward(&mut [(&mut s, &g.ids[pos..pos + 1])], Logits::Last).unwrap();
+            let out = gpu
+                .forward(&mut [(&mut s, &g.ids[pos..pos + 1])], Logits::Last)
+                .unwrap();
             let (err, at) = max_abs_diff(&out[0], &g.logits[pos * v..(pos + 1) * v]);
-            assert!(err <= TOL, "{name} (gpu decode) position {pos}: |err| {err} > {TOL} at token {at}");
+            assert!(
+                err <= TOL,
+                "{name} (gpu decode) position {pos}: |err| {err} > {TOL} at token {at}"
+            );
             decode = decode.max(err);
         }
         eprintln!("{name}: GPU max |err| prefill {prefill:.2e}, decode {decode:.2e}");

@@ -257,7 +257,14 @@ fn gguf_export_writes_k_quants() {
     let golden = lynx_tests::read_golden_file(&fixtures_dir().join("gguf/qwen2.golden.safetensors"));
     let (ids, want) = (&golden[1].ids, &golden[1].logits);
     let mut last = 0.0;
-    for (dtype, nmse_tol) in [(Q8_0, 1e-3), (Q6_K, 1.5e-2), (Q5_K, 5e-2), (Q4_K, 0.2), (Q3_K, 0.8), (Q2_K, 2.5)] {
+    for (dtype, nmse_tol) in [
+        (Q8_0, 1e-3),
+        (Q6_K, 1.5e-2),
+        (Q5_K, 5e-2),
+        (Q4_K, 0.2),
+        (Q3_K, 0.8),
+        (Q2_K, 2.5),
+    ] {
         let out = lynx_tests::temp_dir(&format!("gguf-k-{dtype}")).join("out.gguf");
         let report = lynx::export::write_model_gguf(&m, dtype, &out).unwrap();
         assert!(report.fallbacks.is_empty(), "{dtype}: {:?}", report.fallbacks);
@@ -269,7 +276,11 @@ fn gguf_export_writes_k_quants() {
             "{dtype}: ffn_down is stored as {dtype}"
         );
         let mut s = g.model.new_sequence();
-        let got = g.model.forward(&mut [(&mut s, &ids[..])], Logits::All).unwrap().remove(0);
+        let got = g
+            .model
+            .forward(&mut [(&mut s, &ids[..])], Logits::All)
+            .unwrap()
+            .remove(0);
         let e2 = nmse(&got, want);
         eprintln!("qwen2 GGUF re-quantised to {dtype}: NMSE {e2:.2e}");
         assert!(e2 <= nmse_tol, "{dtype}: NMSE {e2} > {nmse_tol}");

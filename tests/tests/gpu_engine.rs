@@ -9,6 +9,7 @@
 //! Needs a GPU adapter (CI installs lavapipe). Set LYNX_SKIP_GPU_TESTS=1 to
 //! skip on a machine without one.
 
+use lynx::generate::{Engine, StepSpec};
 use lynx::gpu::GpuModel;
 use lynx::selection::ExpertPolicy;
 use lynx::{DType, Logits, Model};
@@ -205,22 +206,32 @@ fn truncated_sequence_continues_like_a_fresh_one() {
     }
 }
 
-/// Decode `steps` steps of `b` sequences (fixed token schedule) under a
-/// policy; returns every step's logits.
-fn decode_run(gpu: &GpuModel, b: usize, steps: usize, policy: ExpertPolicy) -> Vec<Vec<Vec<f32>>> {
-    let v = gpu.config.vocab_size as u32;
-    gpu.set_policy(policy).unwrap();
-    let mut seqs: Vec<_> = (0..b).map(|_| gpu.new_sequence()).collect();
+/// Prefills `b` sequences, then decodes `steps` steps (fixed token
+/// schedule) under a policy, on either engine, asking for the step metrics
+/// when `metrics`; returns every call's logits.
+fn decode_run<E: Engine>(
+    engine: &E,
+    b: usize,
+    steps: usize,
+    policy: ExpertPolicy,
+    metrics: bool,
+) -> Vec<Vec<Vec<f32>>> {
+    let v = engine.config().vocab_size as u32;
+    let run = |batch: &mut [(&mut E::Seq, &[u32])], spec: StepSpec| {
+        let spec = if metrics { spec.with_metrics() } else { spec };
+        pollster::block_on(engine.run(batch, spec)).unwrap().logits
+    };
+    let mut seqs: Vec<_> = (0..b).map(|_| engine.new_sequence()).collect();
     let prompts: Vec<Vec<u32>> = (0..b as u32)
         .map(|i| (0..3 + i % 4).map(|j| (i * 31 + j * 7 + 1) % v).collect())
         .collect();
     let mut out = Vec::new();
     let mut batch: Vec<_> = seqs.iter_mut().zip(&prompts).map(|(s, p)| (s, p.as_slice())).collect();
-    out.push(gpu.forward(&mut batch, Logits::Last).unwrap());
+    out.push(run(&mut batch, StepSpec::prefill(Logits::Last)));
     for step in 0..steps as u32 {
         let toks: Vec<[u32; 1]> = (0..b as u32).map(|i| [(step * 13 + i * 5 + 2) % v]).collect();
         let mut batch: Vec<_> = seqs.iter_mut().zip(&toks).map(|(s, t)| (s, t.as_slice())).collect();
-        out.push(gpu.forward(&mut batch, Logits::Last).unwrap());
+        out.push(run(&mut batch, StepSpec::decode(policy)));
     }
     out
 }
@@ -229,25 +240,23 @@ fn decode_run(gpu: &GpuModel, b: usize, steps: usize, policy: ExpertPolicy) -> V
 fn exact_policy_is_bit_identical_and_lynx_at_batch_one_changes_nothing() {
     let Some(ctx) = ctx() else { return };
     let cpu = load("mixtral", None);
-    let mut gpu = GpuModel::upload(ctx, &cpu, |_, _| {}).unwrap();
-    let base = decode_run(&gpu, 4, 3, ExpertPolicy::Exact);
+    let gpu = GpuModel::upload(ctx, &cpu, |_, _| {}).unwrap();
+    let base = decode_run(&gpu, 4, 3, ExpertPolicy::Exact, false);
     // Collecting metrics, and choosing `exact` explicitly, change no bit.
-    gpu.collect_metrics = true;
-    assert_eq!(decode_run(&gpu, 4, 3, ExpertPolicy::Exact), base);
+    assert_eq!(decode_run(&gpu, 4, 3, ExpertPolicy::Exact, true), base);
     // B = 1: every vote scores 1^bin = 1, so Lynx keeps the exact routing.
-    let one = decode_run(&gpu, 1, 3, ExpertPolicy::Exact);
-    assert_eq!(decode_run(&gpu, 1, 3, ExpertPolicy::Lynx(None)), one);
+    let one = decode_run(&gpu, 1, 3, ExpertPolicy::Exact, true);
+    assert_eq!(decode_run(&gpu, 1, 3, ExpertPolicy::Lynx(None), true), one);
 }
 
 #[test]
 fn lynx_reduces_distinct_experts_only_in_decode_steps() {
     let Some(ctx) = ctx() else { return };
     let cpu = load("mixtral", None);
-    let mut gpu = GpuModel::upload(ctx, &cpu, |_, _| {}).unwrap();
-    let exact = decode_run(&gpu, 8, 2, ExpertPolicy::Exact);
-    gpu.collect_metrics = true;
+    let gpu = GpuModel::upload(ctx, &cpu, |_, _| {}).unwrap();
+    let exact = decode_run(&gpu, 8, 2, ExpertPolicy::Exact, false);
     let rx = gpu.subscribe();
-    let lynx = decode_run(&gpu, 8, 2, ExpertPolicy::Lynx(None));
+    let lynx = decode_run(&gpu, 8, 2, ExpertPolicy::Lynx(None), true);
     // The prefill step routes exactly, whatever the policy.
     assert_eq!(lynx[0], exact[0], "prefill logits under lynx");
     let steps: Vec<_> = rx.try_iter().collect();
@@ -279,5 +288,50 @@ fn lynx_reduces_distinct_experts_only_in_decode_steps() {
     );
     for row in lynx.iter().flatten() {
         assert!(row.iter().all(|x| x.is_finite()));
+    }
+}
+
+/// The CPU reference runs every selection policy through `select_cpu`, so
+/// a whole decode under lynx, oea and top-N has an oracle: the GPU engine
+/// (selection kernels rewriting its routing buffer) matches it, and every
+/// policy but a no-op one changes some logits against exact routing.
+#[test]
+fn gpu_decode_under_every_policy_matches_the_cpu_reference() {
+    let Some(ctx) = ctx() else { return };
+    let cpu = load("mixtral", None);
+    let gpu = GpuModel::upload(ctx, &cpu, |_, _| {}).unwrap();
+    let (b, steps) = (8, 3);
+    let exact = decode_run(&cpu, b, steps, ExpertPolicy::Exact, false);
+    for policy in [
+        ExpertPolicy::Lynx(None),
+        ExpertPolicy::Oea { k0: 1 },
+        ExpertPolicy::TopK(1),
+    ] {
+        let want = decode_run(&cpu, b, steps, policy, false);
+        let got = decode_run(&gpu, b, steps, policy, false);
+        let mut worst = (0.0f32, 0, 0, 0);
+        for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (q, (g, w)) in g.iter().zip(w).enumerate() {
+                let (e, at) = max_err(g, w);
+                if e > worst.0 {
+                    worst = (e, s, q, at);
+                }
+            }
+        }
+        eprintln!("{policy}: GPU vs CPU max |err| {:.2e}", worst.0);
+        assert!(
+            worst.0 < 1e-4,
+            "{policy}: step {}, sequence {}, logit {}: |err| = {:.2e}",
+            worst.1,
+            worst.2,
+            worst.3,
+            worst.0
+        );
+        // Prefill routes exactly under every policy; top-1 keeps one expert
+        // of K = 2, so its decode logits must move.
+        assert_eq!(want[0], exact[0], "{policy}: prefill");
+        if policy == ExpertPolicy::TopK(1) {
+            assert_ne!(want[1..], exact[1..], "{policy}: decode unchanged");
+        }
     }
 }

@@ -23,7 +23,9 @@ const NMSE_TOL: f64 = 1e-8;
 fn fixture() -> RealGguf {
     let path = std::env::var_os("LYNX_QWEN25_GGUF")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| lynx_tests::repo_root().join("models/.cache/qwen25/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"));
+        .unwrap_or_else(|| {
+            lynx_tests::repo_root().join("models/.cache/qwen25/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+        });
     RealGguf::new("qwen25", path, "models/get-qwen25-coder.sh (or set LYNX_QWEN25_GGUF)")
 }
 
@@ -32,7 +34,10 @@ fn reads_as_qwen2_with_k_quants() {
     let m = fixture().load();
     let c = &m.model.config;
     assert_eq!(c.arch, lynx::config::Arch::Qwen2);
-    assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads), (24, 896, 14, 2));
+    assert_eq!(
+        (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads),
+        (24, 896, 14, 2)
+    );
     assert!(c.attention_bias, "Qwen2 has q/k/v biases");
     for dtype in ["Q4_K", "Q6_K", "Q5_0", "Q8_0"] {
         assert!(m.tensors.iter().any(|t| t.dtype == dtype), "no {dtype} tensor");

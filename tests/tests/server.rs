@@ -16,9 +16,7 @@ use lynx::generate::{FinishReason, GenerateOptions, generate};
 use lynx::gpu::GpuModel;
 use lynx::selection::ExpertPolicy;
 use lynx::server::http_client::{HttpResponse, SseStream, request};
-use lynx::server::{
-    RequestRules, Server, ServerConfig, load, parse_chat_request, parse_completion_request,
-};
+use lynx::server::{RequestRules, Server, ServerConfig, load, parse_chat_request, parse_completion_request};
 use lynx::serving::SchedulerConfig;
 use lynx::{ChatMessage, Tokenizer};
 use lynx_tests::{gpu_ctx, wait_for};
@@ -47,7 +45,6 @@ fn demo() -> Option<(MutexGuard<'static, ()>, &'static Demo)> {
         Some(Demo { gpu, tok })
     });
     let demo = demo.as_ref()?;
-    demo.gpu.set_policy(ExpertPolicy::Exact).unwrap();
     Some((guard, demo))
 }
 
@@ -520,14 +517,7 @@ fn every_endpoint_answers_in_openai_shape() {
 fn the_load_generator_times_every_request_under_both_policies() {
     let Some((_gpu, demo)) = demo() else { return };
     for policy in [ExpertPolicy::Exact, ExpertPolicy::Lynx(None)] {
-        demo.gpu.set_policy(policy).unwrap();
-        let server = start(
-            demo,
-            ServerConfig {
-                policy: policy.to_string(),
-                ..config(8, 8)
-            },
-        );
+        let server = start(demo, ServerConfig { policy, ..config(8, 8) });
         let spec = load::LoadSpec {
             clients: 4,
             requests_per_client: 2,
@@ -559,7 +549,6 @@ fn the_load_generator_times_every_request_under_both_policies() {
         }
         server.shutdown();
     }
-    demo.gpu.set_policy(ExpertPolicy::Exact).unwrap();
 }
 
 /// Bad input over HTTP, on the CPU engine (no GPU needed): every case gets

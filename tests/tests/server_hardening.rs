@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use lynx::generate::Engine;
+use lynx::generate::{Engine, StepOutput, StepSpec};
 use lynx::server::http_client::{SseStream, request};
 use lynx::server::{Server, ServerConfig};
 use lynx::serving::SchedulerConfig;
-use lynx::{Logits, Model, ModelConfig, Sequence, Tokenizer};
+use lynx::{Model, ModelConfig, Sequence, Tokenizer};
 use lynx_tests::wait_for;
 
 /// Bounds every client call, so that a broken server fails a test instead
@@ -64,7 +64,7 @@ impl Engine for PanicOn {
     fn new_sequence(&self) -> Sequence {
         self.inner.new_sequence()
     }
-    fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], logits: Logits) -> lynx::Result<Vec<Vec<f32>>> {
+    async fn run(&self, batch: &mut [(&mut Sequence, &[u32])], spec: StepSpec) -> lynx::Result<StepOutput> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         if n == self.panic_on {
             let t0 = Instant::now();
@@ -73,7 +73,7 @@ impl Engine for PanicOn {
             }
             panic!("injected failure on forward pass {n}");
         }
-        self.inner.forward(batch, logits)
+        self.inner.run(batch, spec)
     }
 }
 

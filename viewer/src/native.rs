@@ -190,7 +190,12 @@ impl Pump {
             }
             Command::SetPolicy(p) => {
                 let r = match &self.session {
-                    Some(s) => s.gpu.set_policy(p).map_err(|e| e.to_string()),
+                    // Checked against the model, then the serving loop
+                    // applies it from its next decode step.
+                    Some(s) => p
+                        .resolve_for(&s.gpu.config)
+                        .map(|_| s.scheduler.set_policy(p))
+                        .map_err(|e| e.to_string()),
                     None => Err("no model is loaded".into()),
                 };
                 match r {

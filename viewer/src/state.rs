@@ -50,6 +50,8 @@ impl SamplingSettings {
             },
             stop: Vec::new(),
             stop_on_eos: true,
+            // The serving loop applies the policy editor's choice.
+            policy: lynx::selection::ExpertPolicy::Exact,
         }
     }
 }

@@ -12,12 +12,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use lynx::generate::{AsyncEngine, BatchGeneration, GenerateOptions, Generation};
+use lynx::generate::{BatchGeneration, GenerateOptions, Generation};
 use lynx::gguf::GgufFile;
 use lynx::gpu::{GgufStreamLoad, GpuContext, GpuModel, GpuOptions};
 use lynx::metrics::StepMetrics;
 use lynx::tensor::Buffer;
-use lynx::{ChatMessage, Logits, Model, Tokenizer};
+use lynx::{ChatMessage, Model, Tokenizer};
 use serde::Serialize;
 use web_time::Instant;
 
@@ -315,19 +315,13 @@ pub async fn generate<P: std::future::Future<Output = ()>>(
         ..GenerateOptions::default()
     };
     match &loaded.engine {
-        Engine::Gpu(g) => {
-            let metrics = g.subscribe();
-            run(g, tok, &prompts, &opts, &mut on_event, &mut pause, "gpu", || {
-                metrics.try_iter().last()
-            })
-            .await
-        }
-        Engine::Cpu(m) => run(m, tok, &prompts, &opts, &mut on_event, &mut pause, "cpu", || None).await,
+        Engine::Gpu(g) => run(g, tok, &prompts, &opts, &mut on_event, &mut pause, "gpu").await,
+        Engine::Cpu(m) => run(m, tok, &prompts, &opts, &mut on_event, &mut pause, "cpu").await,
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn run<E: AsyncEngine, P: std::future::Future<Output = ()>>(
+async fn run<E: lynx::generate::Engine, P: std::future::Future<Output = ()>>(
     engine: &E,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
@@ -335,18 +329,19 @@ async fn run<E: AsyncEngine, P: std::future::Future<Output = ()>>(
     on_event: &mut impl FnMut(Event<'_>),
     pause: &mut impl FnMut() -> P,
     name: &'static str,
-    mut step_metrics: impl FnMut() -> Option<std::sync::Arc<StepMetrics>>,
 ) -> lynx::Result<Report> {
     let mut g = BatchGeneration::new(engine.config(), tok, prompts, opts, || engine.new_sequence())?;
     let (mut prefill_ms, mut decode_ms, mut decode_tokens, mut steps) = (0.0, 0.0, 0, 0);
     loop {
         let started = Instant::now();
-        let (logits, sequences) = {
-            let Some(mut batch) = g.next_batch() else { break };
+        let (out, sequences) = {
+            let Some((spec, mut batch)) = g.next_batch() else { break };
             let n = batch.len();
-            (engine.forward_async(&mut batch, Logits::Last).await?, n)
+            // The GPU engine returns the step's expert metrics with it.
+            (engine.run(&mut batch, spec.with_metrics()).await?, n)
         };
-        g.accept(logits, |seq, text| on_event(Event::Text { seq, text }))?;
+        let metrics = out.metrics.last().map(|m| (**m).clone());
+        g.accept(out.logits, |seq, text| on_event(Event::Text { seq, text }))?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
         let phase = if steps == 0 { "prefill" } else { "decode" };
         if steps == 0 {
@@ -360,7 +355,7 @@ async fn run<E: AsyncEngine, P: std::future::Future<Output = ()>>(
             phase,
             sequences,
             ms,
-            metrics: step_metrics().map(|m| (*m).clone()),
+            metrics,
         };
         on_event(Event::Step(&report));
         steps += 1;

@@ -201,8 +201,15 @@ impl WebDriver {
         let r = match &self.inner.borrow().session {
             None => Err("no model is loaded".to_string()),
             Some(s) => match &s.loaded.engine {
-                Engine::Gpu(g) => g.set_policy(p).map_err(|e| e.to_string()),
-                Engine::Cpu(_) => Err("the CPU reference always routes exactly; expert selection needs WebGPU".into()),
+                // Checked against the model, then the serving loop applies
+                // it from its next decode step.
+                Engine::Gpu(g) => p
+                    .resolve_for(&g.config)
+                    .map(|_| s.scheduler.set_policy(p))
+                    .map_err(|e| e.to_string()),
+                Engine::Cpu(_) => {
+                    Err("expert selection needs WebGPU; the CPU reference reports no expert metrics to show".into())
+                }
             },
         };
         match r {

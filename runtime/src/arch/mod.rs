@@ -140,7 +140,9 @@ impl HfConfig<'_> {
     pub fn base(&self, arch: Arch) -> Result<ModelConfig> {
         let hidden = self.usize("hidden_size")?;
         let heads = self.usize("num_attention_heads")?;
-        let head_dim = self.opt_usize("head_dim")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
+        let head_dim = self
+            .opt_usize("head_dim")?
+            .unwrap_or(hidden.checked_div(heads).unwrap_or(0));
         let cfg = ModelConfig {
             arch,
             vocab_size: self.usize("vocab_size")?,

@@ -271,6 +271,7 @@ impl RunArgs {
             sampling,
             stop: self.stop.clone(),
             stop_on_eos: true,
+            policy: self.experts,
         })
     }
 
@@ -309,7 +310,7 @@ impl RunArgs {
             Some(ctx) => Some(upload_to_gpu(&lm, ctx)?),
         };
         if let Some(gpu) = &gpu {
-            gpu.set_policy(self.experts).context("invalid --experts")?;
+            self.experts.resolve_for(&gpu.config).context("invalid --experts")?;
         }
         let trace = match (&gpu, &self.trace) {
             (Some(gpu), Some(path)) => Some(start_trace(gpu, path)?),
@@ -395,11 +396,7 @@ fn main() -> anyhow::Result<()> {
             output,
             to,
             embedding,
-        } => quantize_cmd(
-            &model,
-            &output,
-            lynx::export::ExportOptions { dtype: to, embedding },
-        ),
+        } => quantize_cmd(&model, &output, lynx::export::ExportOptions { dtype: to, embedding }),
         Command::Bench(args) => bench_cmd(&args),
         Command::Eval(args) => eval_cmd::eval_cmd(&args),
         Command::Web(args) => web_cmd::web_cmd(&args),
@@ -414,7 +411,12 @@ fn parse_export_dtype(s: &str) -> Result<lynx::DType, String> {
     lynx::export::EXPORT_DTYPES
         .into_iter()
         .find(|d| d.name().eq_ignore_ascii_case(s))
-        .ok_or_else(|| format!("unknown format `{s}`; one of {}", names().collect::<Vec<_>>().join(", ")))
+        .ok_or_else(|| {
+            format!(
+                "unknown format `{s}`; one of {}",
+                names().collect::<Vec<_>>().join(", ")
+            )
+        })
 }
 
 fn quantize_cmd(model: &Path, output: &Path, opts: lynx::export::ExportOptions) -> anyhow::Result<()> {
@@ -525,10 +527,9 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<()> {
     let mut gpu = upload_to_gpu(&lm, open_gpu_for("bench")?)?;
     for p in &policies {
         // Checks every policy against the model before the long run starts.
-        gpu.set_policy(*p)
+        p.resolve_for(&gpu.config)
             .with_context(|| format!("invalid --experts entry `{p}`"))?;
     }
-    gpu.set_policy(ExpertPolicy::Exact)?;
     let trace = args.trace.as_deref().map(|p| start_trace(&gpu, p)).transpose()?;
     println!(
         "model:    {} ({}, {} layers)",

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::{ModelConfig, QkNorm};
 use crate::error::{Error, Result};
+use crate::generate::{Phase, StepOutput, StepSpec, check_decode};
 use crate::gpu::attention::{AttentionShape, attention, clamp, gather_rows, kv_append};
 use crate::gpu::context::Elem;
 use crate::gpu::context::{GpuContext, GpuEncoder, GpuTensor};
@@ -244,6 +245,16 @@ struct MoeScratch {
     shared_gate: Option<GpuTensor>,
 }
 
+/// How one forward call routes its MoE layers, fixed for all of its steps.
+struct StepRouting {
+    decode: bool,
+    policy: Resolved,
+    /// The policy's name in the step metrics.
+    name: String,
+    /// Read the routing metrics back.
+    metrics: bool,
+}
+
 /// The name a step's metrics give its policy: `exact` when it routed exactly.
 fn policy_name(resolved: Resolved, policy: ExpertPolicy) -> String {
     match resolved {
@@ -278,13 +289,10 @@ pub struct GpuModel {
     pub max_step_tokens: usize,
     stats: Mutex<StepStats>,
     scratch: Mutex<Option<Scratch>>,
-    /// The expert-selection policy for decode steps.
-    policy: Mutex<ExpertPolicy>,
-    /// When set (or while anyone subscribes), every step reads back its
-    /// routing metrics: one extra small read-back per step.
-    pub collect_metrics: bool,
+    /// Observers of every step's metrics (`--trace`, the server's expert
+    /// stream, the viewer); while any is alive each step reads its routing
+    /// metrics back.
     subscribers: Mutex<Vec<std::sync::mpsc::Sender<Arc<StepMetrics>>>>,
-    last_metrics: Mutex<Option<Arc<StepMetrics>>>,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -451,10 +459,7 @@ impl GpuModel {
             max_step_tokens: DEFAULT_STEP_TOKENS,
             stats: Mutex::new(StepStats::default()),
             scratch: Mutex::new(None),
-            policy: Mutex::new(ExpertPolicy::Exact),
-            collect_metrics: false,
             subscribers: Mutex::new(Vec::new()),
-            last_metrics: Mutex::new(None),
         };
         Ok((gpu, stream))
     }
@@ -624,31 +629,6 @@ impl GpuModel {
         total
     }
 
-    /// Sets the expert-selection policy for the following decode steps
-    /// (checked against the model's E and K). Dense models accept only `exact`.
-    pub fn set_policy(&self, policy: ExpertPolicy) -> Result<()> {
-        match &self.config.moe {
-            Some(m) => {
-                policy.resolve(m.num_experts, m.top_k)?;
-            }
-            None if !policy.is_exact() => {
-                return Err(Error::InvalidArgument(format!(
-                    "expert policy `{policy}` needs an MoE model; this one is dense"
-                )));
-            }
-            None => {}
-        }
-        *self
-            .policy
-            .lock()
-            .map_err(|_| Error::Gpu("policy lock poisoned".into()))? = policy;
-        Ok(())
-    }
-
-    pub fn policy(&self) -> ExpertPolicy {
-        self.policy.lock().map(|p| *p).unwrap_or(ExpertPolicy::Exact)
-    }
-
     /// A stream of every following step's metrics. Collecting them costs
     /// one small read-back per step while any receiver is alive.
     pub fn subscribe(&self) -> std::sync::mpsc::Receiver<Arc<StepMetrics>> {
@@ -659,13 +639,8 @@ impl GpuModel {
         rx
     }
 
-    /// The metrics of the last step, when they were collected.
-    pub fn last_metrics(&self) -> Option<Arc<StepMetrics>> {
-        self.last_metrics.lock().ok().and_then(|m| m.clone())
-    }
-
-    fn metrics_wanted(&self) -> bool {
-        self.collect_metrics || self.subscribers.lock().map(|s| !s.is_empty()).unwrap_or(false)
+    fn has_subscribers(&self) -> bool {
+        self.subscribers.lock().map(|s| !s.is_empty()).unwrap_or(false)
     }
 
     pub fn reset_stats(&self) {
@@ -687,29 +662,35 @@ impl GpuModel {
         }
     }
 
-    /// Runs the new tokens of several sequences through the model, appending
-    /// them to each sequence's KV cache, and returns one logits vector per
-    /// sequence, as `Model::forward` does. Inputs are validated before any
-    /// cache is touched. Blocks until the logits are back (native only; see
-    /// [`GpuModel::forward_async`], which this drives).
+    /// Runs the new tokens of several sequences through the model with
+    /// exact routing, appending them to each sequence's KV cache, and
+    /// returns one logits vector per sequence, as `Model::forward` does.
+    /// Inputs are validated before any cache is touched. Blocks until the
+    /// logits are back (native only): a shorthand for [`GpuModel::run`]
+    /// with [`StepSpec::prefill`].
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward(&self, batch: &mut [(&mut GpuSequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
         // The read-backs inside poll the device themselves, so the future
         // never waits on anything but the GPU and blocking on it is safe.
-        pollster::block_on(self.forward_async(batch, logits))
+        pollster::block_on(self.run(batch, StepSpec::prefill(logits))).map(|o| o.logits)
+    }
+
+    /// [`GpuModel::run`], blocking until the step is done (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn run_blocking(&self, batch: &mut [(&mut GpuSequence, &[u32])], spec: StepSpec) -> Result<StepOutput> {
+        pollster::block_on(self.run(batch, spec))
     }
 
     /// The forward pass, as a future: the one implementation behind
-    /// [`GpuModel::forward`]. Its only waits are the read-backs of the
-    /// logits (and of the step metrics), which in the browser complete on
-    /// the JS event loop. Calls must not overlap: the page drives one step
-    /// at a time.
-    pub async fn forward_async(
-        &self,
-        batch: &mut [(&mut GpuSequence, &[u32])],
-        logits: Logits,
-    ) -> Result<Vec<Vec<f32>>> {
+    /// [`GpuModel::forward`] and [`crate::generate::Engine::run`]. `spec`
+    /// says which logits to return, whether this is a decode step, and the
+    /// expert policy that rewrites a decode step's routing. Its only waits
+    /// are the read-backs of the logits (and of the step metrics), which in
+    /// the browser complete on the JS event loop. Calls must not overlap:
+    /// the page drives one step at a time.
+    pub async fn run(&self, batch: &mut [(&mut GpuSequence, &[u32])], spec: StepSpec) -> Result<StepOutput> {
         let cfg = &self.config;
+        let logits = spec.logits;
         for (seq, tokens) in batch.iter() {
             if tokens.is_empty() {
                 return Err(Error::InvalidArgument("forward: a sequence has no new tokens".into()));
@@ -736,6 +717,21 @@ impl GpuModel {
         if self.max_step_tokens == 0 {
             return Err(Error::InvalidArgument("max_step_tokens must be at least 1".into()));
         }
+        // Selection policies apply to decode steps only; a prefill, or a
+        // step that carries prefill chunks, routes exactly.
+        let (decode, resolved) = match spec.phase {
+            Phase::Prefill => (false, Resolved::Exact),
+            Phase::Decode => {
+                check_decode(batch.iter().map(|(s, t)| (s.len, t.len())))?;
+                (true, spec.policy.resolve_for(cfg)?)
+            }
+        };
+        let routing = StepRouting {
+            decode,
+            policy: resolved,
+            name: policy_name(resolved, spec.policy),
+            metrics: spec.metrics || self.has_subscribers(),
+        };
 
         // Plan the steps: consecutive pieces of each sequence's tokens, at
         // most max_step_tokens per step.
@@ -760,6 +756,7 @@ impl GpuModel {
         }
 
         let v = cfg.vocab_size;
+        let mut metrics = Vec::new();
         let mut out: Vec<Vec<f32>> = batch
             .iter()
             .map(|(_, t)| Vec::with_capacity(if logits == Logits::Last { v } else { t.len() * v }))
@@ -802,13 +799,15 @@ impl GpuModel {
                         seqs.push(s);
                     }
                 }
-                self.step(&mut seqs, &order, &pieces, &want).await?
+                let (rows, m) = self.step(&mut seqs, &order, &pieces, &want, &routing).await?;
+                metrics.extend(m);
+                rows
             };
             for ((_, b), r) in want.iter().zip(rows.chunks(v)) {
                 out[*b].extend_from_slice(r);
             }
         }
-        Ok(out)
+        Ok(StepOutput { logits: out, metrics })
     }
 
     /// One pass through the layers for `pieces` = (sequence, its cached
@@ -820,22 +819,15 @@ impl GpuModel {
         order: &[usize],
         pieces: &[(usize, usize, &[u32])],
         want: &[(usize, usize)],
-    ) -> Result<Vec<f32>> {
+        routing: &StepRouting,
+    ) -> Result<(Vec<f32>, Option<Arc<StepMetrics>>)> {
         let cfg = &self.config;
         let ctx = &*self.ctx;
         let started = web_time::Instant::now();
         let (c, h, hkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let t: usize = pieces.iter().map(|(_, _, p)| p.len()).sum();
         let slot = |b: usize| order.iter().position(|&o| o == b).unwrap_or(0);
-        // Phase gating: selection policies apply to decode steps only (one
-        // new token for each sequence, after its prompt); prefill and steps
-        // that mix in prefill chunks route exactly.
-        let decode = pieces.iter().all(|(_, len, toks)| toks.len() == 1 && *len > 0);
-        let policy = self.policy();
-        let resolved = match (&cfg.moe, decode) {
-            (Some(m), true) => policy.resolve(m.num_experts, m.top_k)?,
-            _ => Resolved::Exact,
-        };
+        let resolved = routing.policy;
 
         // Pages: make sure each sequence has room for its new tokens.
         let mut need = 0;
@@ -1003,7 +995,7 @@ impl GpuModel {
             // The metric read-backs are started too before anything is
             // awaited, so one wait serves all of them; nothing is held while
             // the GPU (or, in the browser, the event loop) runs.
-            let metric_reads = match (&sc.expert_offsets, self.metrics_wanted()) {
+            let metric_reads = match (&sc.expert_offsets, routing.metrics) {
                 (Some(log), true) => {
                     let offsets = ctx.start_read(log.buffer(), log.data_bytes(), "reading the expert offsets back")?;
                     let plog = match &sc.policy_log {
@@ -1020,14 +1012,15 @@ impl GpuModel {
             Some(read) => bytemuck::pod_collect_to_vec(&ctx.finish_read(read).await?),
             None => Vec::new(),
         };
+        let mut step_metrics = None;
         if let Some((offsets, plog, e1)) = metric_reads {
             let offsets: Vec<u32> = bytemuck::pod_collect_to_vec(&ctx.finish_read(offsets).await?);
             let plog: Vec<u32> = match plog {
                 Some(read) => bytemuck::pod_collect_to_vec(&ctx.finish_read(read).await?),
                 None => Vec::new(),
             };
-            let m = self.metrics_from(&offsets, e1, &plog, t, decode, policy_name(resolved, policy), started);
-            self.publish(m);
+            let m = self.metrics_from(&offsets, e1, &plog, t, routing.decode, routing.name.clone(), started);
+            step_metrics = Some(self.publish(m));
         }
         for (b, _, toks) in pieces {
             seqs[slot(*b)].len += toks.len();
@@ -1037,7 +1030,7 @@ impl GpuModel {
             s.tokens += t;
             s.dispatches += dispatches;
         }
-        Ok(result)
+        Ok((result, step_metrics))
     }
 
     /// Turns a step's read-back expert offsets ((L, e1) u32) and policy log
@@ -1094,14 +1087,14 @@ impl GpuModel {
         }
     }
 
-    fn publish(&self, m: StepMetrics) {
+    /// Sends a step's metrics to every subscriber and returns them for the
+    /// step's output.
+    fn publish(&self, m: StepMetrics) -> Arc<StepMetrics> {
         let m = Arc::new(m);
         if let Ok(mut subs) = self.subscribers.lock() {
             subs.retain(|tx| tx.send(m.clone()).is_ok());
         }
-        if let Ok(mut last) = self.last_metrics.lock() {
-            *last = Some(m);
-        }
+        m
     }
 
     /// Notes the allocator's current total in the peak-memory statistic.

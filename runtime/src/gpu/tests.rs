@@ -100,12 +100,20 @@ const ALL_DTYPES: [DType; 13] = DType::ALL;
 /// super-blocks: 768 values (3 super-blocks) make Q6_K (630-byte) and Q3_K
 /// (330-byte) rows 2-aligned on every other row likewise.
 fn cols_for(dtype: DType) -> [usize; 4] {
-    if dtype.block().0 == 256 { [256, 768, 2048, 4096] } else { [64, 96, 256, 4096] }
+    if dtype.block().0 == 256 {
+        [256, 768, 2048, 4096]
+    } else {
+        [64, 96, 256, 4096]
+    }
 }
 
 /// Bytes a row takes on the GPU: F16/BF16 are widened to F32 on upload.
 fn gpu_row_bytes(dtype: DType, c: usize) -> usize {
-    if matches!(dtype, DType::F16 | DType::BF16) { 4 * c } else { dtype.bytes_for(c) }
+    if matches!(dtype, DType::F16 | DType::BF16) {
+        4 * c
+    } else {
+        dtype.bytes_for(c)
+    }
 }
 
 /// Runs the GPU matmul and QLinear::forward on the same inputs and compares,
@@ -162,7 +170,10 @@ fn k_quant_rows_that_are_not_whole_super_blocks_are_rejected() {
     let bytes = quantize(DType::Q4_K, &seeded(512, 3));
     let odd = QTensor::from_bytes("blk.0.ffn_down.weight", DType::Q4_K, vec![4, 128], bytes);
     let err = GpuMatrix::upload(ctx, &odd).unwrap_err().to_string();
-    assert!(err.contains("blk.0.ffn_down.weight") && err.contains("not whole blocks of 256"), "{err}");
+    assert!(
+        err.contains("blk.0.ffn_down.weight") && err.contains("not whole blocks of 256"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -584,4 +595,3 @@ fn bench_formats() {
         }
     }
 }
-

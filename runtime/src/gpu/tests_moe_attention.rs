@@ -155,7 +155,10 @@ fn group_by_expert_matches_cpu_grouping() {
 #[test]
 fn moe_matmul_and_combine_match_cpu_experts() {
     let Some(ctx) = ctx() else { return };
-    for dtype in DType::ALL.into_iter().filter(|d| !matches!(d, DType::F16 | DType::BF16)) {
+    for dtype in DType::ALL
+        .into_iter()
+        .filter(|d| !matches!(d, DType::F16 | DType::BF16))
+    {
         // K-quant rows need whole 256-value super-blocks; c = 768 also makes
         // Q3_K/Q6_K rows (330/630 bytes) 2-aligned on every other row.
         let (c, i) = if dtype.block().0 == 256 { (256, 768) } else { (64, 96) };

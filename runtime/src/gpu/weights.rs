@@ -147,9 +147,8 @@ impl GpuMatrix {
 
     /// The shader file that decodes this matrix's format.
     pub(crate) fn dequant_shader(&self) -> Result<&'static str> {
-        dequant_shader_for(self.dtype).ok_or_else(|| {
-            Error::Gpu(format!("GpuMatrix `{}`: no GPU decoder for {}", self.name, self.dtype))
-        })
+        dequant_shader_for(self.dtype)
+            .ok_or_else(|| Error::Gpu(format!("GpuMatrix `{}`: no GPU decoder for {}", self.name, self.dtype)))
     }
 }
 

@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use crate::generate::GenerateOptions;
 use crate::sampling::SamplingParams;
+use crate::selection::ExpertPolicy;
 use crate::tokenizer::ChatMessage;
 
 /// OpenAI's limit on stop sequences per request.
@@ -163,6 +164,8 @@ impl CommonParams {
             },
             stop: self.stop.clone(),
             stop_on_eos: !self.ignore_eos,
+            // The server's decode batches run its own policy.
+            policy: ExpertPolicy::Exact,
         }
     }
 }

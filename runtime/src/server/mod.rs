@@ -49,6 +49,7 @@ pub use metrics::{ExpertHub, HttpCounters};
 use crate::config::ModelConfig;
 use crate::generate::{Engine, FinishReason, check_prompt};
 use crate::metrics::StepMetrics;
+use crate::selection::ExpertPolicy;
 use crate::serving::{CancelGuard, Completion, Event, Scheduler, SchedulerConfig, SchedulerStats, SubmitError};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
@@ -93,8 +94,9 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
     /// The model id clients name (and `/v1/models` lists).
     pub model_id: String,
-    /// The expert-selection policy in force, as shown by `/metrics`.
-    pub policy: String,
+    /// The expert-selection policy of the decode steps (checked against
+    /// the model at start), as shown by `/metrics` and `/v1/models`.
+    pub policy: ExpertPolicy,
     /// The continuous-batching limits: the batch size, and the queue
     /// beyond which requests get 429.
     pub scheduler: SchedulerConfig,
@@ -137,7 +139,7 @@ impl Default for ServerConfig {
         ServerConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             model_id: "lynx".into(),
-            policy: "exact".into(),
+            policy: ExpertPolicy::Exact,
             scheduler: SchedulerConfig::default(),
             max_tokens: 4096,
             default_max_tokens: 256,
@@ -213,7 +215,12 @@ impl Server {
         E: Engine + Send + Sync + 'static,
     {
         config.validate()?;
+        config
+            .policy
+            .resolve_for(engine.config())
+            .map_err(|e| ServeError::Config(e.to_string()))?;
         let sched = Arc::new(Scheduler::new(config.scheduler).map_err(|e| ServeError::Config(e.to_string()))?);
+        sched.set_policy(config.policy);
         let hub = match expert_metrics {
             Some(rx) => Some(ExpertHub::start(rx).map_err(|source| ServeError::Start {
                 what: "metrics thread",
@@ -671,7 +678,7 @@ fn model_card(app: &App) -> Value {
         "created": app.created,
         "owned_by": "lynx",
         "context_length": app.model.max_position_embeddings,
-        "expert_policy": app.config.policy,
+        "expert_policy": app.config.policy.to_string(),
     })
 }
 
@@ -709,7 +716,7 @@ async fn wrong_method(method: Method, uri: Uri) -> Response {
 async fn prometheus(State(app): State<Shared>) -> Response {
     let text = metrics::render(&metrics::Snapshot {
         model_id: &app.config.model_id,
-        policy: &app.config.policy,
+        policy: &app.config.policy.to_string(),
         max_batch: app.config.scheduler.max_batch,
         max_queue: app.config.scheduler.max_queue,
         stats: app.sched.stats(),

@@ -124,7 +124,7 @@ impl ServeArgs {
         let config = ServerConfig {
             addr: SocketAddr::new(self.host, self.port),
             model_id,
-            policy: policy.to_string(),
+            policy: *policy,
             scheduler: SchedulerConfig {
                 max_batch: self.max_batch,
                 max_queue: self.max_queue,
@@ -226,29 +226,22 @@ pub fn serve_cmd(args: &ServeArgs) -> anyhow::Result<()> {
             if args.bench.is_empty() {
                 serve(args.config(model_id, &policies[0])?, engine, tok, None)
             } else {
-                bench(args, &model_id, engine, tok, &policies, |_| Ok(()), || None)
+                bench(args, &model_id, engine, tok, &policies, || None)
             }
         }
         Some(ctx) => {
             let gpu = Arc::new(super::upload_to_gpu(&lm, ctx)?);
             drop(lm);
+            for p in &policies {
+                p.resolve_for(&gpu.config)
+                    .with_context(|| format!("invalid --experts `{p}` for this model"))?;
+            }
             if args.bench.is_empty() {
-                gpu.set_policy(policies[0])
-                    .context("invalid --experts for this model")?;
                 let rx = gpu.subscribe();
                 serve(args.config(model_id, &policies[0])?, gpu, tok, Some(rx))
             } else {
                 let g = gpu.clone();
-                let g2 = gpu.clone();
-                bench(
-                    args,
-                    &model_id,
-                    gpu,
-                    tok,
-                    &policies,
-                    move |p| g.set_policy(*p).context("invalid --experts for this model"),
-                    move || Some(g2.subscribe()),
-                )
+                bench(args, &model_id, gpu, tok, &policies, move || Some(g.subscribe()))
             }
         }
     }
@@ -278,7 +271,6 @@ fn bench<E: Engine + Send + Sync + 'static>(
     engine: Arc<E>,
     tok: Arc<lynx::Tokenizer>,
     policies: &[ExpertPolicy],
-    set_policy: impl Fn(&ExpertPolicy) -> anyhow::Result<()>,
     subscribe: impl Fn() -> Option<std::sync::mpsc::Receiver<Arc<StepMetrics>>>,
 ) -> anyhow::Result<()> {
     let timeout = Duration::from_secs_f64(args.request_timeout);
@@ -296,7 +288,6 @@ fn bench<E: Engine + Send + Sync + 'static>(
     // load during the run does not fall on one policy alone.
     for &clients in &args.bench {
         for policy in policies {
-            set_policy(policy)?;
             let mut config = args.config(model_id.to_string(), policy)?;
             config.addr = SocketAddr::new(args.host, 0);
             // Every client's request must fit in the queue at once.
