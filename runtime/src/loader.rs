@@ -81,13 +81,19 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
 }
 
 fn load_gguf(path: &Path) -> Result<LoadedModel> {
-    let file = GgufFile::open(path)?;
-    let config = arch::config_from_gguf(&file)?;
-    let src = arch::GgufSource { file: &file };
+    from_gguf(&GgufFile::open(path)?, path)
+}
+
+/// The model and tokenizer of a GGUF file already open or in memory (`path`
+/// names it in messages): the one GGUF load sequence, for files on disk and
+/// for the browser, which holds the downloaded bytes.
+pub fn from_gguf(file: &GgufFile, path: &Path) -> Result<LoadedModel> {
+    let config = arch::config_from_gguf(file)?;
+    let src = arch::GgufSource { file };
     let model = build_checked(config, &src, ConfigSource::Gguf)?;
     Ok(LoadedModel {
         model,
-        tokenizer: Tokenizer::from_gguf(&file)?,
+        tokenizer: Tokenizer::from_gguf(file)?,
         path: path.to_path_buf(),
         format: ModelFormat::Gguf,
         tensors: src.infos(),

@@ -208,16 +208,12 @@ impl ModelLoad {
             }
             ModelLoad::Cpu { name, bytes } => {
                 let len = bytes.len();
-                let file = GgufFile::from_buffer(PathBuf::from(&name), Arc::new(Buffer::Owned(bytes)))?;
-                let config = lynx::arch::config_from_gguf(&file)?;
-                let tokenizer = Tokenizer::from_gguf(&file)?.ok_or_else(|| missing(&name))?;
-                let model = lynx::loader::build_checked(
-                    config,
-                    &lynx::arch::GgufSource { file: &file },
-                    lynx::config::ConfigSource::Gguf,
-                )?;
+                let path = PathBuf::from(&name);
+                let file = GgufFile::from_buffer(path.clone(), Arc::new(Buffer::Owned(bytes)))?;
+                let lm = lynx::loader::from_gguf(&file, &path)?;
+                let tokenizer = lm.tokenizer.ok_or_else(|| missing(&name))?;
                 Ok(Loaded {
-                    engine: Engine::Cpu(model),
+                    engine: Engine::Cpu(lm.model),
                     tokenizer,
                     name,
                     bytes: len,
