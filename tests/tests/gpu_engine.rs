@@ -293,8 +293,8 @@ fn lynx_reduces_distinct_experts_only_in_decode_steps() {
 
 /// The CPU reference runs every selection policy through `select_cpu`, so
 /// a whole decode under lynx, oea and top-N has an oracle: the GPU engine
-/// (selection kernels rewriting its routing buffer) matches it, and every
-/// policy but a no-op one changes some logits against exact routing.
+/// (selection kernels rewriting its routing buffer) matches it, and each
+/// policy changes some decode logits against exact routing.
 #[test]
 fn gpu_decode_under_every_policy_matches_the_cpu_reference() {
     let Some(ctx) = ctx() else { return };
@@ -327,11 +327,10 @@ fn gpu_decode_under_every_policy_matches_the_cpu_reference() {
             worst.3,
             worst.0
         );
-        // Prefill routes exactly under every policy; top-1 keeps one expert
-        // of K = 2, so its decode logits must move.
+        // Prefill routes exactly under every policy; each policy moves
+        // some expert choice of 8 tokens over 3 decode steps, so the oracle
+        // is not just exact routing again.
         assert_eq!(want[0], exact[0], "{policy}: prefill");
-        if policy == ExpertPolicy::TopK(1) {
-            assert_ne!(want[1..], exact[1..], "{policy}: decode unchanged");
-        }
+        assert_ne!(want[1..], exact[1..], "{policy}: decode unchanged");
     }
 }

@@ -81,6 +81,34 @@ impl GpuTensor {
     pub fn data_bytes(&self) -> u64 {
         self.numel() as u64 * 4
     }
+
+    /// The same buffer seen with another shape of at most as many elements
+    /// as it holds: a grow-only scratch buffer reused by a step with fewer
+    /// tokens. Kernels take their sizes from the shape, so they touch only
+    /// the view's elements.
+    pub(crate) fn view(&self, shape: &[usize]) -> Result<GpuTensor> {
+        let bytes = shape.iter().product::<usize>() as u64 * 4;
+        if bytes > self.buffer.size() {
+            return Err(Error::Gpu(format!(
+                "a view of shape {shape:?} needs {bytes} bytes; its buffer has {}",
+                self.buffer.size()
+            )));
+        }
+        Ok(GpuTensor {
+            buffer: self.buffer.clone(),
+            shape: shape.to_vec(),
+            elem: self.elem,
+        })
+    }
+
+    /// [`GpuTensor::view`] with the first dimension set to `n`.
+    pub(crate) fn rows(&self, n: usize) -> Result<GpuTensor> {
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = n;
+        }
+        self.view(&shape)
+    }
 }
 
 /// A command encoder that kernels record into; [`GpuContext::submit`] sends it.

@@ -22,228 +22,36 @@
 //! A call's tokens are processed in steps of at most `max_step_tokens`
 //! tokens (chunked prefill): a long prompt is split, its later chunks
 //! attending to the earlier ones through the cache, so scratch memory is
-//! bounded whatever the prompt length.
+//! bounded whatever the prompt length. Each step assigns KV pages
+//! ([`crate::gpu::kv_cache`]), uploads its inputs, and records every
+//! layer's `forward` (`layer.rs`, one type per part of `model.rs`) into one
+//! encoder over grow-only scratch buffers (`step.rs`); the head runs only
+//! on the rows whose logits are wanted.
 //!
-//! The KV cache of every layer is a pool of pages of [`KV_PAGE`] tokens
-//! shared by all sequences; a [`GpuSequence`] owns a list of pages. The pool
-//! doubles when it runs out (copying the old pages on the GPU), a sequence's
-//! pages return to the pool when it is dropped, and the pool shrinks back to
-//! its initial size once no sequence holds pages.
+//! The caller says with each call ([`StepSpec`]) which logits it wants,
+//! whether it is a decode step, and the expert policy; the engine keeps no
+//! policy of its own, and returns the step metrics with the logits.
 
 use std::sync::{Arc, Mutex};
 
-use crate::config::{ModelConfig, QkNorm};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{Phase, StepOutput, StepSpec, check_decode};
-use crate::gpu::attention::{AttentionShape, attention, clamp, gather_rows, kv_append};
-use crate::gpu::context::Elem;
-use crate::gpu::context::{GpuContext, GpuEncoder, GpuTensor};
-use crate::gpu::kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
-use crate::gpu::moe::{GpuExperts, Grouping, MoeInput, Routing, group_by_expert, moe_combine, moe_matmul, route_topk};
-use crate::gpu::selection::{PolicyBuffers, apply_policy, log_record_len};
-use crate::gpu::upload::{Convert, Part, WeightStream, WeightUpload};
+use crate::gpu::attention::gather_rows;
+use crate::gpu::context::{GpuContext, GpuEncoder, GpuTensor, PendingRead};
+use crate::gpu::kernels::{embed_rows, matmul_nt, rms_norm_rows};
+use crate::gpu::kv_cache::{GpuSequence, KvCache};
+use crate::gpu::layer::{GpuFfn, GpuLayer, StepCtx, vec_tensor};
+use crate::gpu::selection::log_record_len;
+use crate::gpu::step::{Piece, Scratch, StepInputs};
+use crate::gpu::upload::{WeightStream, WeightUpload};
 use crate::gpu::weights::GpuMatrix;
-use crate::linear::QLinear;
 use crate::metrics::{LayerMetrics, StepMetrics};
-use crate::model::{Ffn, Logits, Mlp, Model};
+use crate::model::{Logits, Model};
 use crate::selection::{ExpertPolicy, Resolved};
-use crate::tensor::{DType, WeightVec};
 
-/// Tokens per KV-cache page.
-pub const KV_PAGE: usize = 16;
-/// Pages in a fresh pool (per layer, for keys and for values each).
-const INITIAL_PAGES: usize = 64;
 /// Default step size for chunked prefill.
 pub const DEFAULT_STEP_TOKENS: usize = 256;
-
-/// A linear layer on the GPU: weight in its stored format, optional f32 bias.
-#[derive(Debug)]
-pub struct GpuLinear {
-    pub w: GpuMatrix,
-    pub bias: Option<GpuTensor>,
-}
-
-impl GpuLinear {
-    fn create(ctx: &GpuContext, up: &mut WeightUpload, l: &QLinear) -> Result<GpuLinear> {
-        let w = GpuMatrix::create(ctx, &l.weight, up, ctx.max_binding_bytes())?;
-        let bias = match &l.bias {
-            Some(b) => Some(vec_tensor(ctx, up, &format!("{} bias", l.weight.name), b)?),
-            None => None,
-        };
-        Ok(GpuLinear { w, bias })
-    }
-
-    fn forward(&self, ctx: &GpuContext, enc: &mut GpuEncoder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
-        matmul_nt(ctx, enc, x, &self.w, self.bias.as_ref(), y)
-    }
-}
-
-#[derive(Debug)]
-struct GpuMlp {
-    gate_proj: GpuLinear,
-    up_proj: GpuLinear,
-    down_proj: GpuLinear,
-}
-
-impl GpuMlp {
-    fn create(ctx: &GpuContext, up: &mut WeightUpload, m: &Mlp) -> Result<GpuMlp> {
-        Ok(GpuMlp {
-            gate_proj: GpuLinear::create(ctx, up, &m.gate_proj)?,
-            up_proj: GpuLinear::create(ctx, up, &m.up_proj)?,
-            down_proj: GpuLinear::create(ctx, up, &m.down_proj)?,
-        })
-    }
-
-    /// `bufs[3] = down(silu(gate(h)) * up(h))` for h (T, C), with `bufs` =
-    /// gate, up, act scratch (T, at least I) and the output (T, C).
-    fn forward(&self, ctx: &GpuContext, enc: &mut GpuEncoder, h: &GpuTensor, bufs: &[GpuTensor; 4]) -> Result<()> {
-        let [g, u, a, out] = bufs;
-        self.gate_proj.forward(ctx, enc, h, g)?;
-        self.up_proj.forward(ctx, enc, h, u)?;
-        silu_mul(ctx, enc, g, u, a)?;
-        self.down_proj.forward(ctx, enc, a, out)
-    }
-}
-
-#[derive(Debug)]
-struct GpuMoe {
-    /// Router (E, C), kept in f32 by the exporters.
-    router: GpuLinear,
-    gate_proj: GpuExperts,
-    up_proj: GpuExperts,
-    down_proj: GpuExperts,
-    shared: Option<(GpuMlp, GpuLinear)>,
-}
-
-#[derive(Debug)]
-enum GpuFfn {
-    Dense(GpuMlp),
-    Moe(GpuMoe),
-}
-
-#[derive(Debug)]
-struct GpuLayer {
-    input_layernorm: GpuTensor,
-    q_proj: GpuLinear,
-    k_proj: GpuLinear,
-    v_proj: GpuLinear,
-    o_proj: GpuLinear,
-    q_norm: Option<GpuTensor>,
-    k_norm: Option<GpuTensor>,
-    post_attention_layernorm: GpuTensor,
-    ffn: GpuFfn,
-}
-
-/// Free pages of the KV pool. Shared with every [`GpuSequence`], which gives
-/// its pages back when dropped.
-#[derive(Debug, Default)]
-struct PageAllocator {
-    capacity: usize,
-    free: Vec<u32>,
-}
-
-/// Per-layer key and value pools, each (capacity * KV_PAGE, Hkv * D).
-struct KvPool {
-    layers: Vec<(GpuTensor, GpuTensor)>,
-}
-
-/// A sequence's GPU state: its length and KV pages. Dropping it frees its pages.
-pub struct GpuSequence {
-    len: usize,
-    pages: Vec<u32>,
-    alloc: Arc<Mutex<PageAllocator>>,
-}
-
-impl GpuSequence {
-    /// Tokens already in this sequence's KV cache.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Forgets the tokens from position `len` on (nothing when `len` is not
-    /// below [`GpuSequence::len`]) and frees the KV pages they alone used;
-    /// the next forward step continues at position `len`. This re-runs
-    /// decoding from a shared prompt, as `lynx bench` does per policy, or
-    /// regenerates a reply without prefilling the conversation again.
-    pub fn truncate(&mut self, len: usize) {
-        if len >= self.len {
-            return;
-        }
-        self.len = len;
-        let freed = self.pages.split_off(len.div_ceil(KV_PAGE));
-        let mut a = match self.alloc.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        a.free.extend(freed);
-    }
-}
-
-impl Drop for GpuSequence {
-    fn drop(&mut self) {
-        // A poisoned lock means another thread panicked mid-update; the free
-        // list is still a list of page ids, so returning ours is safe.
-        let mut a = match self.alloc.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        a.free.append(&mut self.pages);
-    }
-}
-
-/// The activations of one step of T tokens, reused by every layer (the
-/// kernels of a step run in order, each pass seeing the previous one's
-/// writes) and by the next step when it has the same T, as decode steps do.
-struct Scratch {
-    t: usize,
-    x: GpuTensor,
-    h: GpuTensor,
-    q: GpuTensor,
-    qn: GpuTensor,
-    k: GpuTensor,
-    kn: GpuTensor,
-    v: GpuTensor,
-    att: GpuTensor,
-    o: GpuTensor,
-    /// Dense MLPs (and shared experts), per intermediate size I: gate, up,
-    /// act (T, I) and the output (T, C).
-    mlp: Vec<(usize, [GpuTensor; 4])>,
-    moe: Option<MoeScratch>,
-    /// (L, E + 1) u32: each MoE layer's expert offsets of this step, copied
-    /// from the grouping after the layer ran (rows of dense layers stay 0).
-    expert_offsets: Option<GpuTensor>,
-    /// (L, 1 + 2 * T * K) u32: the selection policy's log per layer (see
-    /// `gpu::selection`).
-    policy_log: Option<GpuTensor>,
-}
-
-impl Scratch {
-    /// The MLP scratch for `mlp`'s intermediate size.
-    fn mlp_for(&self, mlp: &GpuMlp) -> Result<&[GpuTensor; 4]> {
-        let i = mlp.gate_proj.w.rows;
-        self.mlp
-            .iter()
-            .find(|(n, _)| *n == i)
-            .map(|(_, b)| b)
-            .ok_or_else(|| Error::Gpu(format!("no MLP scratch of intermediate size {i}")))
-    }
-}
-
-struct MoeScratch {
-    routing: Routing,
-    grouping: Grouping,
-    policy: PolicyBuffers,
-    gy: GpuTensor,
-    uy: GpuTensor,
-    act: GpuTensor,
-    dy: GpuTensor,
-    /// The shared expert's gate logit (T, 1); its output goes to the MLP scratch.
-    shared_gate: Option<GpuTensor>,
-}
 
 /// How one forward call routes its MoE layers, fixed for all of its steps.
 struct StepRouting {
@@ -283,11 +91,11 @@ pub struct GpuModel {
     lm_head: Option<GpuMatrix>,
     norm: GpuTensor,
     layers: Vec<GpuLayer>,
-    alloc: Arc<Mutex<PageAllocator>>,
-    kv: Mutex<KvPool>,
+    kv: KvCache,
     /// The most tokens one step (one pass through the layers) processes.
     pub max_step_tokens: usize,
     stats: Mutex<StepStats>,
+    /// Grow-only activations: sized for the most tokens a step has needed.
     scratch: Mutex<Option<Scratch>>,
     /// Observers of every step's metrics (`--trace`, the server's expert
     /// stream, the viewer); while any is alive each step reads its routing
@@ -299,37 +107,6 @@ impl std::fmt::Debug for GpuModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "GpuModel({:?}, {} layers)", self.config.arch, self.layers.len())
     }
-}
-
-/// A weight vector (norm, bias) as an f32 tensor, written from its stored
-/// tensor like every other weight (so it can be streamed too).
-fn vec_tensor(ctx: &GpuContext, up: &mut WeightUpload, label: &str, v: &WeightVec) -> Result<GpuTensor> {
-    let t = &v.tensor;
-    let n = t.numel();
-    let buffer = match t.dtype {
-        DType::F32 | DType::F16 | DType::BF16 => {
-            let part = Part {
-                tensor: t,
-                bytes: 0..t.byte_range().len(),
-                convert: Convert::between(t.dtype, DType::F32),
-            };
-            up.buffer(ctx, label, n as u64 * 4, true, &[part])?
-        }
-        // No known checkpoint quantises a vector; one in memory is decoded
-        // already, and a streamed one cannot be decoded in pieces.
-        _ if t.is_resident() => ctx.upload_f32(label, &v.values, &[n])?.buffer,
-        d => {
-            return Err(Error::Gpu(format!(
-                "vector `{}` is stored as {d}; a streamed vector must be F32, F16 or BF16",
-                t.name
-            )));
-        }
-    };
-    Ok(GpuTensor {
-        buffer,
-        shape: vec![n],
-        elem: Elem::F32,
-    })
 }
 
 impl GpuModel {
@@ -372,80 +149,11 @@ impl GpuModel {
         }
         let mut layers = Vec::with_capacity(model.layers.len());
         for (l, layer) in model.layers.iter().enumerate() {
-            let a = &layer.self_attn;
-            let ffn = match &layer.ffn {
-                Ffn::Dense(m) => GpuFfn::Dense(GpuMlp::create(c, up, m)?),
-                Ffn::Moe(moe) => {
-                    let pick = |f: fn(&Mlp) -> &QLinear| moe.experts.iter().map(|e| &f(e).weight).collect::<Vec<_>>();
-                    if moe
-                        .experts
-                        .iter()
-                        .any(|e| e.gate_proj.bias.is_some() || e.down_proj.bias.is_some())
-                    {
-                        return Err(Error::Gpu(format!(
-                            "layer {l}: expert biases are not supported on the GPU"
-                        )));
-                    }
-                    let shared = match &moe.shared_expert {
-                        Some((m, g)) => Some((GpuMlp::create(c, up, m)?, GpuLinear::create(c, up, g)?)),
-                        None => None,
-                    };
-                    GpuFfn::Moe(GpuMoe {
-                        router: GpuLinear::create(c, up, &moe.gate)?,
-                        gate_proj: GpuExperts::create(
-                            c,
-                            &format!("layers.{l}.experts.gate_proj"),
-                            &pick(|m| &m.gate_proj),
-                            up,
-                        )?,
-                        up_proj: GpuExperts::create(
-                            c,
-                            &format!("layers.{l}.experts.up_proj"),
-                            &pick(|m| &m.up_proj),
-                            up,
-                        )?,
-                        down_proj: GpuExperts::create(
-                            c,
-                            &format!("layers.{l}.experts.down_proj"),
-                            &pick(|m| &m.down_proj),
-                            up,
-                        )?,
-                        shared,
-                    })
-                }
-            };
-            layers.push(GpuLayer {
-                input_layernorm: vec_tensor(c, up, &format!("layers.{l}.input_layernorm"), &layer.input_layernorm)?,
-                q_proj: GpuLinear::create(c, up, &a.q_proj)?,
-                k_proj: GpuLinear::create(c, up, &a.k_proj)?,
-                v_proj: GpuLinear::create(c, up, &a.v_proj)?,
-                o_proj: GpuLinear::create(c, up, &a.o_proj)?,
-                q_norm: a
-                    .q_norm
-                    .as_ref()
-                    .map(|w| vec_tensor(c, up, &format!("layers.{l}.q_norm"), w))
-                    .transpose()?,
-                k_norm: a
-                    .k_norm
-                    .as_ref()
-                    .map(|w| vec_tensor(c, up, &format!("layers.{l}.k_norm"), w))
-                    .transpose()?,
-                post_attention_layernorm: vec_tensor(
-                    c,
-                    up,
-                    &format!("layers.{l}.post_attention_layernorm"),
-                    &layer.post_attention_layernorm,
-                )?,
-                ffn,
-            });
+            layers.push(GpuLayer::create(c, up, l, layer)?);
             progress(l + 1, model.layers.len());
         }
         let norm = vec_tensor(c, up, "norm", &model.norm)?;
-        let kv = Self::new_pool(c, &cfg, INITIAL_PAGES)?;
-        let alloc = PageAllocator {
-            capacity: INITIAL_PAGES,
-            free: (0..INITIAL_PAGES as u32).rev().collect(),
-        };
+        let kv = KvCache::new(c, &cfg)?;
         let stream = upload.into_stream(ctx.clone())?;
         let gpu = GpuModel {
             ctx,
@@ -454,8 +162,7 @@ impl GpuModel {
             lm_head,
             norm,
             layers,
-            alloc: Arc::new(Mutex::new(alloc)),
-            kv: Mutex::new(kv),
+            kv,
             max_step_tokens: DEFAULT_STEP_TOKENS,
             stats: Mutex::new(StepStats::default()),
             scratch: Mutex::new(None),
@@ -464,138 +171,15 @@ impl GpuModel {
         Ok((gpu, stream))
     }
 
-    fn new_pool(ctx: &GpuContext, cfg: &ModelConfig, pages: usize) -> Result<KvPool> {
-        let width = cfg.num_kv_heads * cfg.head_dim;
-        let rows = pages * KV_PAGE;
-        let bytes = (rows * width * 4) as u64;
-        if bytes > ctx.max_binding_bytes() {
-            return Err(Error::Gpu(format!(
-                "the KV cache needs {pages} pages ({} MiB per layer for keys), more than one storage binding \
-                 of this device holds ({} MiB); use fewer or shorter sequences",
-                bytes >> 20,
-                ctx.max_binding_bytes() >> 20
-            )));
-        }
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
-            layers.push((
-                ctx.zeros_f32(&format!("layers.{l} key cache ({pages} pages)"), &[rows, width])?,
-                ctx.zeros_f32(&format!("layers.{l} value cache ({pages} pages)"), &[rows, width])?,
-            ));
-        }
-        Ok(KvPool { layers })
-    }
-
-    fn new_scratch(&self, t: usize) -> Result<Scratch> {
-        let ctx = &*self.ctx;
-        let cfg = &self.config;
-        let (c, h, hkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let f = |label: &str, shape: &[usize]| ctx.zeros_f32(label, shape);
-        // Intermediate sizes of the dense MLPs: dense layers and shared experts.
-        let mut dense_sizes = Vec::new();
-        let mut moe_dims = None;
-        for l in &self.layers {
-            match &l.ffn {
-                GpuFfn::Dense(m) => dense_sizes.push(m.gate_proj.w.rows),
-                GpuFfn::Moe(m) => {
-                    if let Some((s, _)) = &m.shared {
-                        dense_sizes.push(s.gate_proj.w.rows);
-                    }
-                    moe_dims = Some((m.gate_proj.experts, m.gate_proj.rows, m.shared.is_some()));
-                }
-            }
-        }
-        dense_sizes.sort_unstable();
-        dense_sizes.dedup();
-        let mut mlp = Vec::new();
-        for i in dense_sizes {
-            mlp.push((
-                i,
-                [
-                    f("mlp gate", &[t, i])?,
-                    f("mlp up", &[t, i])?,
-                    f("mlp act", &[t, i])?,
-                    f("mlp output", &[t, c])?,
-                ],
-            ));
-        }
-        let moe = match (moe_dims, &cfg.moe) {
-            (Some((e, i, shared)), Some(mc)) => {
-                let k = mc.top_k;
-                Some(MoeScratch {
-                    routing: Routing {
-                        logits: f("router logits", &[t, e])?,
-                        ids: ctx.zeros_u32("routing expert ids", &[t, k])?,
-                        weights: f("routing weights", &[t, k])?,
-                    },
-                    grouping: Grouping::new(ctx, t, e, k)?,
-                    policy: PolicyBuffers::new(ctx, e)?,
-                    gy: f("experts gate", &[t * k, i])?,
-                    uy: f("experts up", &[t * k, i])?,
-                    act: f("experts act", &[t * k, i])?,
-                    dy: f("experts down", &[t * k, c])?,
-                    shared_gate: if shared {
-                        Some(f("shared expert gate", &[t, 1])?)
-                    } else {
-                        None
-                    },
-                })
-            }
-            _ => None,
-        };
-        let expert_offsets = match moe_dims {
-            Some((e, _, _)) => Some(ctx.zeros_u32("per-layer expert offsets", &[cfg.num_layers, e + 1])?),
-            None => None,
-        };
-        let policy_log = match (moe_dims, &cfg.moe) {
-            (Some(_), Some(mc)) => {
-                Some(ctx.zeros_u32("per-layer policy log", &[cfg.num_layers, log_record_len(t, mc.top_k)])?)
-            }
-            _ => None,
-        };
-        Ok(Scratch {
-            t,
-            expert_offsets,
-            policy_log,
-            x: f("x (residual stream)", &[t, c])?,
-            h: f("h (normed)", &[t, c])?,
-            q: f("q", &[t, h * d])?,
-            qn: f("q normed", &[t, h * d])?,
-            k: f("k", &[t, hkv * d])?,
-            kn: f("k normed", &[t, hkv * d])?,
-            v: f("v", &[t, hkv * d])?,
-            att: f("attention output", &[t, h * d])?,
-            o: f("o_proj output", &[t, c])?,
-            mlp,
-            moe,
-        })
-    }
-
     /// Bytes of KV cache currently allocated on the GPU (all layers).
     pub fn kv_cache_bytes(&self) -> u64 {
-        self.kv.lock().map_or(0, |kv| {
-            kv.layers.iter().map(|(k, v)| k.data_bytes() + v.data_bytes()).sum()
-        })
+        self.kv.bytes()
     }
 
     /// Bytes of weights on the GPU.
     pub fn weight_bytes(&self) -> u64 {
-        let lin = |l: &GpuLinear| l.w.data_bytes();
-        let mlp = |m: &GpuMlp| lin(&m.gate_proj) + lin(&m.up_proj) + lin(&m.down_proj);
-        let mut total = self.embed.data_bytes() + self.lm_head.as_ref().map_or(0, |h| h.data_bytes());
-        for l in &self.layers {
-            total += lin(&l.q_proj) + lin(&l.k_proj) + lin(&l.v_proj) + lin(&l.o_proj);
-            total += match &l.ffn {
-                GpuFfn::Dense(m) => mlp(m),
-                GpuFfn::Moe(m) => {
-                    lin(&m.router)
-                        + (m.gate_proj.expert_bytes() + m.up_proj.expert_bytes() + m.down_proj.expert_bytes())
-                            * m.gate_proj.experts as u64
-                        + m.shared.as_ref().map_or(0, |(s, g)| mlp(s) + lin(g))
-                }
-            };
-        }
-        total
+        let head = self.lm_head.as_ref().map_or(0, |h| h.data_bytes());
+        self.embed.data_bytes() + head + self.layers.iter().map(GpuLayer::weight_bytes).sum::<u64>()
     }
 
     /// Per MoE layer: bytes of one expert's three matrices (what a step
@@ -605,9 +189,7 @@ impl GpuModel {
             .iter()
             .map(|l| match &l.ffn {
                 GpuFfn::Dense(_) => None,
-                GpuFfn::Moe(m) => {
-                    Some(m.gate_proj.expert_bytes() + m.up_proj.expert_bytes() + m.down_proj.expert_bytes())
-                }
+                GpuFfn::Moe(m) => Some(m.expert_bytes()),
             })
             .collect()
     }
@@ -615,18 +197,8 @@ impl GpuModel {
     /// Bytes a decode step reads regardless of routing: attention, dense
     /// MLPs, routers, shared experts, norms, and the LM head.
     pub fn dense_bytes_per_step(&self) -> u64 {
-        let lin = |l: &GpuLinear| l.w.data_bytes();
-        let mlp = |m: &GpuMlp| lin(&m.gate_proj) + lin(&m.up_proj) + lin(&m.down_proj);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).data_bytes();
-        let mut total = head;
-        for l in &self.layers {
-            total += lin(&l.q_proj) + lin(&l.k_proj) + lin(&l.v_proj) + lin(&l.o_proj);
-            total += match &l.ffn {
-                GpuFfn::Dense(m) => mlp(m),
-                GpuFfn::Moe(m) => lin(&m.router) + m.shared.as_ref().map_or(0, |(s, g)| mlp(s) + lin(g)),
-            };
-        }
-        total
+        head + self.layers.iter().map(GpuLayer::dense_bytes).sum::<u64>()
     }
 
     /// A stream of every following step's metrics. Collecting them costs
@@ -655,11 +227,7 @@ impl GpuModel {
 
     /// A fresh sequence with an empty KV cache.
     pub fn new_sequence(&self) -> GpuSequence {
-        GpuSequence {
-            len: 0,
-            pages: Vec::new(),
-            alloc: self.alloc.clone(),
-        }
+        self.kv.new_sequence()
     }
 
     /// Runs the new tokens of several sequences through the model with
@@ -695,7 +263,7 @@ impl GpuModel {
             if tokens.is_empty() {
                 return Err(Error::InvalidArgument("forward: a sequence has no new tokens".into()));
             }
-            if !Arc::ptr_eq(&seq.alloc, &self.alloc) {
+            if !self.kv.owns(seq) {
                 return Err(Error::InvalidArgument(
                     "forward: sequence belongs to another model".into(),
                 ));
@@ -761,20 +329,14 @@ impl GpuModel {
             .iter()
             .map(|(_, t)| Vec::with_capacity(if logits == Logits::Last { v } else { t.len() * v }))
             .collect();
+        let tokens: Vec<&[u32]> = batch.iter().map(|(_, t)| *t).collect();
         for step in &steps {
-            let pieces: Vec<(usize, usize, &[u32])> = step
-                .iter()
-                .map(|(b, r)| {
-                    let toks: &[u32] = batch[*b].1;
-                    (*b, batch[*b].0.len, &toks[r.clone()])
-                })
-                .collect();
             // Rows whose logits we want, and which sequence they belong to.
             let mut want: Vec<(usize, usize)> = Vec::new(); // (row in step, sequence)
             let mut row = 0;
             for (b, r) in step {
                 let n = r.len();
-                let last_piece = r.end == batch[*b].1.len();
+                let last_piece = r.end == tokens[*b].len();
                 match logits {
                     Logits::Last if last_piece => want.push((row + n - 1, *b)),
                     Logits::Last => {}
@@ -782,27 +344,25 @@ impl GpuModel {
                 }
                 row += n;
             }
-            let rows = {
-                let mut seqs: Vec<&mut GpuSequence> = Vec::new();
-                // Each sequence appears at most once per step.
-                let mut taken = vec![false; batch.len()];
-                let mut order = Vec::new();
-                for (b, _) in step {
-                    if !taken[*b] {
-                        taken[*b] = true;
-                        order.push(*b);
-                    }
-                }
-                let mut refs: Vec<Option<&mut GpuSequence>> = batch.iter_mut().map(|(s, _)| Some(&mut **s)).collect();
-                for b in &order {
-                    if let Some(s) = refs[*b].take() {
-                        seqs.push(s);
-                    }
-                }
-                let (rows, m) = self.step(&mut seqs, &order, &pieces, &want, &routing).await?;
-                metrics.extend(m);
-                rows
-            };
+            // Each sequence appears at most once per step, so piece i is
+            // sequence seqs[i].
+            let mut refs: Vec<Option<&mut GpuSequence>> = batch.iter_mut().map(|(s, _)| Some(&mut **s)).collect();
+            let mut seqs = Vec::with_capacity(step.len());
+            let mut pieces = Vec::with_capacity(step.len());
+            for (i, (b, r)) in step.iter().enumerate() {
+                let seq = refs[*b]
+                    .take()
+                    .ok_or_else(|| Error::Gpu("a sequence appears twice in one step".into()))?;
+                pieces.push(Piece {
+                    seq: i,
+                    cached: seq.len,
+                    tokens: &tokens[*b][r.clone()],
+                });
+                seqs.push(seq);
+            }
+            let rows: Vec<usize> = want.iter().map(|(row, _)| *row).collect();
+            let (rows, m) = self.step(&mut seqs, &pieces, &rows, &routing).await?;
+            metrics.extend(m);
             for ((_, b), r) in want.iter().zip(rows.chunks(v)) {
                 out[*b].extend_from_slice(r);
             }
@@ -810,188 +370,45 @@ impl GpuModel {
         Ok(StepOutput { logits: out, metrics })
     }
 
-    /// One pass through the layers for `pieces` = (sequence, its cached
-    /// length, new tokens); `seqs[i]` is sequence `order[i]`. Returns the
-    /// logits of rows `want` (row index within the step), concatenated.
+    /// One pass through the layers for `pieces` (`seqs[piece.seq]` is the
+    /// piece's sequence). Returns the logits of rows `want` (row index
+    /// within the step), concatenated, and the step's metrics when
+    /// `routing` asks for them.
     async fn step(
         &self,
         seqs: &mut [&mut GpuSequence],
-        order: &[usize],
-        pieces: &[(usize, usize, &[u32])],
-        want: &[(usize, usize)],
+        pieces: &[Piece<'_>],
+        want: &[usize],
         routing: &StepRouting,
     ) -> Result<(Vec<f32>, Option<Arc<StepMetrics>>)> {
         let cfg = &self.config;
         let ctx = &*self.ctx;
         let started = web_time::Instant::now();
-        let (c, h, hkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let t: usize = pieces.iter().map(|(_, _, p)| p.len()).sum();
-        let slot = |b: usize| order.iter().position(|&o| o == b).unwrap_or(0);
-        let resolved = routing.policy;
-
-        // Pages: make sure each sequence has room for its new tokens.
-        let mut need = 0;
-        for (b, len, toks) in pieces {
-            let s = &seqs[slot(*b)];
-            need += (len + toks.len()).div_ceil(KV_PAGE).saturating_sub(s.pages.len());
-        }
-        self.reserve_pages(need)?;
-        {
-            let mut a = self
-                .alloc
-                .lock()
-                .map_err(|_| Error::Gpu("KV page allocator lock poisoned".into()))?;
-            for (b, len, toks) in pieces {
-                let s = &mut seqs[slot(*b)];
-                while s.pages.len() < (len + toks.len()).div_ceil(KV_PAGE) {
-                    let p = a
-                        .free
-                        .pop()
-                        .ok_or_else(|| Error::Gpu("KV page allocator ran dry".into()))?;
-                    s.pages.push(p);
-                }
-            }
-        }
-
-        // Per-token inputs.
-        let max_pages = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(1).max(1);
-        let mut ids = Vec::with_capacity(t);
-        let mut pos = Vec::with_capacity(t);
-        let mut tok = Vec::with_capacity(2 * t);
-        let mut dest = Vec::with_capacity(t);
-        let mut max_keys = 0;
-        for (b, len, toks) in pieces {
-            let i = slot(*b);
-            let s = &seqs[i];
-            for (j, &id) in toks.iter().enumerate() {
-                let p = len + j;
-                ids.push(id);
-                pos.push(p as u32);
-                tok.extend([i as u32, p as u32]);
-                dest.push(s.pages[p / KV_PAGE] * KV_PAGE as u32 + (p % KV_PAGE) as u32);
-                let first = cfg.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w));
-                max_keys = max_keys.max(p + 1 - first);
-            }
-        }
-        let mut table = vec![0u32; seqs.len() * max_pages];
-        for (i, s) in seqs.iter().enumerate() {
-            table[i * max_pages..i * max_pages + s.pages.len()].copy_from_slice(&s.pages);
-        }
-        let ids_t = ctx.upload_u32("step token ids", &ids, &[t])?;
-        let pos_t = ctx.upload_u32("step positions", &pos, &[t])?;
-        let tok_t = ctx.upload_u32("step (sequence, position)", &tok, &[t, 2])?;
-        let dest_t = ctx.upload_u32("step cache rows", &dest, &[t])?;
-        let pages_t = ctx.upload_u32("step page table", &table, &[seqs.len(), max_pages])?;
+        let new: Vec<usize> = pieces.iter().map(|p| p.tokens.len()).collect();
+        self.kv.assign_pages(ctx, seqs, &new)?;
+        let inputs = StepInputs::new(ctx, cfg, seqs, pieces)?;
+        let t = inputs.t;
 
         // Everything that holds the KV pool and scratch locks is in this block,
         // so they are released before the first await.
         let (logits_read, metric_reads, dispatches) = {
-            let kv = self.kv.lock().map_err(|_| Error::Gpu("KV pool lock poisoned".into()))?;
-            let mut scratch_slot = self
-                .scratch
-                .lock()
-                .map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
-            if scratch_slot.as_ref().is_none_or(|s| s.t != t) {
-                // Free the old step's buffers before allocating the new ones.
-                *scratch_slot = None;
-                *scratch_slot = Some(self.new_scratch(t)?);
-            }
-            let sc = scratch_slot
-                .as_ref()
-                .ok_or_else(|| Error::Gpu("step scratch missing".into()))?;
+            let kv = self.kv.pool()?;
+            let sc = self.scratch_for(t)?;
             let mut enc = ctx.encoder("forward step");
-            let x = &sc.x;
-            embed_rows(ctx, &mut enc, &self.embed, &ids_t, x)?;
-            let shape = AttentionShape {
-                heads: h,
-                kv_heads: hkv,
-                head_dim: d,
-                page: KV_PAGE,
-                max_pages,
-                max_keys,
-                sliding_window: cfg.sliding_window,
+            embed_rows(ctx, &mut enc, &self.embed, &inputs.ids, &sc.x)?;
+            let layer_ctx = StepCtx {
+                ctx,
+                cfg,
+                sc: &sc,
+                inputs: &inputs,
+                policy: routing.policy,
             };
-            for (l, layer) in self.layers.iter().enumerate() {
-                rms_norm_rows(ctx, &mut enc, x, &layer.input_layernorm, &sc.h, c, cfg.rms_norm_eps)?;
-                layer.q_proj.forward(ctx, &mut enc, &sc.h, &sc.q)?;
-                layer.k_proj.forward(ctx, &mut enc, &sc.h, &sc.k)?;
-                layer.v_proj.forward(ctx, &mut enc, &sc.h, &sc.v)?;
-                // q/k norm: over the whole vector (OLMoE) or each head (Qwen3).
-                let norm_len = |heads: usize| {
-                    if cfg.qk_norm == QkNorm::PerHead { d } else { heads * d }
-                };
-                let mut q = &sc.q;
-                let mut k = &sc.k;
-                if let Some(w) = &layer.q_norm {
-                    rms_norm_rows(ctx, &mut enc, q, w, &sc.qn, norm_len(h), cfg.rms_norm_eps)?;
-                    q = &sc.qn;
-                }
-                if let Some(w) = &layer.k_norm {
-                    rms_norm_rows(ctx, &mut enc, k, w, &sc.kn, norm_len(hkv), cfg.rms_norm_eps)?;
-                    k = &sc.kn;
-                }
-                if let Some(limit) = cfg.clip_qkv {
-                    for x in [q, k, &sc.v] {
-                        clamp(ctx, &mut enc, x, limit)?;
-                    }
-                }
-                rope_heads(ctx, &mut enc, q, &pos_t, h, d, cfg.rope_theta, cfg.rope_style)?;
-                rope_heads(ctx, &mut enc, k, &pos_t, hkv, d, cfg.rope_theta, cfg.rope_style)?;
-                let (kc, vc) = &kv.layers[l];
-                kv_append(ctx, &mut enc, k, &sc.v, &dest_t, kc, vc)?;
-                attention(ctx, &mut enc, &shape, q, kc, vc, &tok_t, &pages_t, &sc.att)?;
-                layer.o_proj.forward(ctx, &mut enc, &sc.att, &sc.o)?;
-                add(ctx, &mut enc, x, &sc.o)?;
-
-                rms_norm_rows(
-                    ctx,
-                    &mut enc,
-                    x,
-                    &layer.post_attention_layernorm,
-                    &sc.h,
-                    c,
-                    cfg.rms_norm_eps,
-                )?;
-                match &layer.ffn {
-                    GpuFfn::Dense(mlp) => {
-                        let bufs = sc.mlp_for(mlp)?;
-                        mlp.forward(ctx, &mut enc, &sc.h, bufs)?;
-                        add(ctx, &mut enc, x, &bufs[3])?;
-                    }
-                    GpuFfn::Moe(moe) => self.moe(ctx, &mut enc, moe, sc, t, l, resolved)?,
-                }
+            for (l, (layer, cache)) in self.layers.iter().zip(&kv.layers).enumerate() {
+                layer.forward(&layer_ctx, &mut enc, l, cache)?;
             }
-
-            // Final norm and head, only on the wanted rows.
-            let r = want.len();
             let dispatches = enc.dispatches as u64;
-            let logits_read = if r == 0 {
-                ctx.submit(enc)?;
-                self.sample_memory();
-                None
-            } else {
-                let idx = ctx.upload_u32(
-                    "logit rows",
-                    &want.iter().map(|(i, _)| *i as u32).collect::<Vec<_>>(),
-                    &[r],
-                )?;
-                let picked = ctx.zeros_f32("logit rows of x", &[r, c])?;
-                gather_rows(ctx, &mut enc, x, &idx, &picked)?;
-                let normed = ctx.zeros_f32("final norm", &[r, c])?;
-                rms_norm_rows(ctx, &mut enc, &picked, &self.norm, &normed, c, cfg.rms_norm_eps)?;
-                let logits = ctx.zeros_f32("logits", &[r, cfg.vocab_size])?;
-                matmul_nt(
-                    ctx,
-                    &mut enc,
-                    &normed,
-                    self.lm_head.as_ref().unwrap_or(&self.embed),
-                    None,
-                    &logits,
-                )?;
-                ctx.submit(enc)?;
-                self.sample_memory();
-                Some(ctx.start_read(logits.buffer(), logits.data_bytes(), "reading the logits back")?)
-            };
+            let logits_read = self.head(enc, &sc.x, want)?;
+            self.sample_memory();
             // The metric read-backs are started too before anything is
             // awaited, so one wait serves all of them; nothing is held while
             // the GPU (or, in the browser, the event loop) runs.
@@ -1022,8 +439,8 @@ impl GpuModel {
             let m = self.metrics_from(&offsets, e1, &plog, t, routing.decode, routing.name.clone(), started);
             step_metrics = Some(self.publish(m));
         }
-        for (b, _, toks) in pieces {
-            seqs[slot(*b)].len += toks.len();
+        for p in pieces {
+            seqs[p.seq].len += p.tokens.len();
         }
         if let Ok(mut s) = self.stats.lock() {
             s.steps += 1;
@@ -1031,6 +448,57 @@ impl GpuModel {
             s.dispatches += dispatches;
         }
         Ok((result, step_metrics))
+    }
+
+    /// The step's scratch seen at `t` tokens, growing the buffers first
+    /// when no earlier step needed as many.
+    fn scratch_for(&self, t: usize) -> Result<Scratch> {
+        let mut slot = self
+            .scratch
+            .lock()
+            .map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
+        if slot.as_ref().is_none_or(|s| s.tokens < t) {
+            // Free the smaller buffers before allocating the larger ones.
+            *slot = None;
+            *slot = Some(Scratch::new(&self.ctx, &self.config, &self.layers, t)?);
+        }
+        let k = self.config.moe.as_ref().map_or(0, |m| m.top_k);
+        slot.as_ref()
+            .ok_or_else(|| Error::Gpu("step scratch missing".into()))?
+            .view(t, k)
+    }
+
+    /// Records the final norm and the LM head on rows `want` of `x` and
+    /// submits the step; returns the started read-back of their logits
+    /// (none when no row is wanted, as in a prefill chunk before the last).
+    fn head(&self, mut enc: GpuEncoder, x: &GpuTensor, want: &[usize]) -> Result<Option<PendingRead>> {
+        let (ctx, cfg) = (&*self.ctx, &self.config);
+        let r = want.len();
+        if r == 0 {
+            ctx.submit(enc)?;
+            return Ok(None);
+        }
+        let c = cfg.hidden_size;
+        let idx = ctx.upload_u32("logit rows", &want.iter().map(|&i| i as u32).collect::<Vec<_>>(), &[r])?;
+        let picked = ctx.zeros_f32("logit rows of x", &[r, c])?;
+        gather_rows(ctx, &mut enc, x, &idx, &picked)?;
+        let normed = ctx.zeros_f32("final norm", &[r, c])?;
+        rms_norm_rows(ctx, &mut enc, &picked, &self.norm, &normed, c, cfg.rms_norm_eps)?;
+        let logits = ctx.zeros_f32("logits", &[r, cfg.vocab_size])?;
+        matmul_nt(
+            ctx,
+            &mut enc,
+            &normed,
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+            None,
+            &logits,
+        )?;
+        ctx.submit(enc)?;
+        Ok(Some(ctx.start_read(
+            logits.buffer(),
+            logits.data_bytes(),
+            "reading the logits back",
+        )?))
     }
 
     /// Turns a step's read-back expert offsets ((L, e1) u32) and policy log
@@ -1064,7 +532,7 @@ impl GpuModel {
                     r[1 + t * k..1 + 2 * t * k].iter().map(|&v| v != 0).collect(),
                 )
             };
-            let per_expert = moe.gate_proj.expert_bytes() + moe.up_proj.expert_bytes() + moe.down_proj.expert_bytes();
+            let per_expert = moe.expert_bytes();
             layers.push(LayerMetrics {
                 layer: l,
                 distinct_exact,
@@ -1104,95 +572,5 @@ impl GpuModel {
         {
             s.peak_bytes = s.peak_bytes.max(bytes);
         }
-    }
-
-    /// The routed experts (+ shared expert) of one layer, added into the
-    /// residual stream `sc.x`, reading the normed input `sc.h`.
-    #[allow(clippy::too_many_arguments)]
-    fn moe(
-        &self,
-        ctx: &GpuContext,
-        enc: &mut GpuEncoder,
-        moe: &GpuMoe,
-        sc: &Scratch,
-        t: usize,
-        l: usize,
-        policy: Resolved,
-    ) -> Result<()> {
-        let mc = self
-            .config
-            .moe
-            .as_ref()
-            .ok_or_else(|| Error::Gpu("MoE layer without an MoE config".into()))?;
-        let ms = sc
-            .moe
-            .as_ref()
-            .ok_or_else(|| Error::Gpu("MoE scratch missing".into()))?;
-        let k = mc.top_k;
-        let (h, x) = (&sc.h, &sc.x);
-        moe.router.forward(ctx, enc, h, &ms.routing.logits)?;
-        let renormalize = mc.routing.renormalize || !mc.routing.softmax_then_topk;
-        route_topk(ctx, enc, &ms.routing, renormalize)?;
-        // A batch-aware policy rewrites the routing buffer in place.
-        if let Some(log) = &sc.policy_log {
-            let rec = log.shape[1];
-            apply_policy(ctx, enc, policy, &ms.routing, renormalize, &ms.policy, log, l * rec)?;
-        }
-        // The routing buffer (ms.routing.ids / weights) is final from here on.
-        group_by_expert(ctx, enc, &ms.routing, &ms.grouping)?;
-        let g = &ms.grouping;
-        if let Some(log) = &sc.expert_offsets {
-            let row = g.offsets.data_bytes();
-            enc.inner()
-                .copy_buffer_to_buffer(&g.offsets.buffer, 0, &log.buffer, l as u64 * row, row);
-        }
-        moe_matmul(ctx, enc, &moe.gate_proj, h, MoeInput::Tokens, g, t, k, &ms.gy)?;
-        moe_matmul(ctx, enc, &moe.up_proj, h, MoeInput::Tokens, g, t, k, &ms.uy)?;
-        silu_mul(ctx, enc, &ms.gy, &ms.uy, &ms.act)?;
-        moe_matmul(ctx, enc, &moe.down_proj, &ms.act, MoeInput::Grouped, g, t, k, &ms.dy)?;
-        match (&moe.shared, &ms.shared_gate) {
-            (Some((mlp, gate)), Some(sg)) => {
-                let bufs = sc.mlp_for(mlp)?;
-                mlp.forward(ctx, enc, h, bufs)?;
-                gate.forward(ctx, enc, h, sg)?;
-                moe_combine(ctx, enc, x, &ms.dy, g, Some((&bufs[3], sg)))
-            }
-            _ => moe_combine(ctx, enc, x, &ms.dy, g, None),
-        }
-    }
-
-    /// Makes sure `need` free pages exist, growing the pool (and copying the
-    /// cached keys and values) if not; shrinks an idle, grown pool first.
-    fn reserve_pages(&self, need: usize) -> Result<()> {
-        let mut a = self
-            .alloc
-            .lock()
-            .map_err(|_| Error::Gpu("KV page allocator lock poisoned".into()))?;
-        let mut kv = self.kv.lock().map_err(|_| Error::Gpu("KV pool lock poisoned".into()))?;
-        if a.free.len() == a.capacity && a.capacity > INITIAL_PAGES && need <= INITIAL_PAGES {
-            // No sequence holds pages: give the grown pool's memory back.
-            *kv = Self::new_pool(&self.ctx, &self.config, INITIAL_PAGES)?;
-            a.capacity = INITIAL_PAGES;
-            a.free = (0..INITIAL_PAGES as u32).rev().collect();
-        }
-        if a.free.len() >= need {
-            return Ok(());
-        }
-        let in_use = a.capacity - a.free.len();
-        let new_cap = (a.capacity * 2).max(in_use + need);
-        let new = Self::new_pool(&self.ctx, &self.config, new_cap)?;
-        let mut enc = self.ctx.encoder("grow KV cache");
-        for ((ok, ov), (nk, nv)) in kv.layers.iter().zip(&new.layers) {
-            enc.inner()
-                .copy_buffer_to_buffer(&ok.buffer, 0, &nk.buffer, 0, ok.data_bytes());
-            enc.inner()
-                .copy_buffer_to_buffer(&ov.buffer, 0, &nv.buffer, 0, ov.data_bytes());
-        }
-        self.ctx.submit(enc)?;
-        let old_cap = a.capacity;
-        a.free.extend((old_cap as u32..new_cap as u32).rev());
-        a.capacity = new_cap;
-        *kv = new;
-        Ok(())
     }
 }

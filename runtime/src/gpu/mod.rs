@@ -13,7 +13,11 @@
 //!   each checked against a CPU implementation in `tests.rs` and
 //!   `tests_moe_attention.rs`.
 //! - [`engine`]: [`GpuModel`], the whole forward pass for a batch of
-//!   sequences, with the routing buffer that a selection policy rewrites.
+//!   sequences: upload, chunking a call into steps, the LM head, the step
+//!   metrics; `layer.rs`: `GpuLayer`, `GpuAttention`, `GpuMlp` and `GpuMoe`
+//!   with their `forward`s, mirroring `model.rs` (the MoE block holds the
+//!   routing buffer that a selection policy rewrites); `step.rs`: a step's
+//!   inputs and its grow-only scratch; [`kv_cache`]: the paged KV cache.
 //! - [`bench`]: kernel micro-benchmarks (matmul on GPU and CPU, selection).
 //!
 //! Typical use: upload, record kernels into an encoder, submit, read back.
@@ -41,9 +45,12 @@ pub mod bench;
 pub mod context;
 pub mod engine;
 pub mod kernels;
+pub mod kv_cache;
+mod layer;
 pub mod moe;
 pub mod pipelines;
 pub mod selection;
+mod step;
 pub mod upload;
 pub mod weights;
 
@@ -55,8 +62,9 @@ mod tests_moe_attention;
 #[cfg(not(target_arch = "wasm32"))]
 pub use bench::{bench_cpu_matmul, bench_matmul, bench_selection};
 pub use context::{Elem, GpuContext, GpuEncoder, GpuFeatures, GpuOptions, GpuTensor};
-pub use engine::{GpuModel, GpuSequence, KV_PAGE, StepStats};
+pub use engine::{GpuModel, StepStats};
 pub use kernels::{add, embed_rows, matmul_nt, rms_norm_rows, rope_heads, silu_mul};
+pub use kv_cache::{GpuSequence, KV_PAGE};
 pub use pipelines::{DefineValue, ShaderSpec};
 pub use upload::{GgufStreamLoad, WeightStream};
 pub use weights::GpuMatrix;
