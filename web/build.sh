@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the browser demo into one folder (default: target/web-site):
 # the wasm module and its JS glue (wasm-bindgen --target web), the page, and
-# the demo model. Serve it with `cargo run -p lynx -- web`.
+# the demo model. Serve it with `cargo run -p lynx-cli -- web`.
 #
 # Needs: rustup target wasm32-unknown-unknown, and wasm-bindgen-cli at the
 # version of the wasm-bindgen crate in Cargo.lock (.ci/run installs both).

@@ -6,15 +6,15 @@
 //! C hidden size, H attention heads, D head dim, V vocabulary,
 //! E experts, K experts per token (top-k), I expert intermediate size.
 
+//!
+//! The library is only the runtime: the `lynx` command line, the HTTP
+//! server, `lynx bench` / `lynx eval` and the static site server are the
+//! crate `lynx-cli`, so that this crate (and its wasm build) depends on no
+//! command-line, HTTP or async-runtime crates.
+
 pub mod arch;
-// `lynx bench` and `lynx eval` block on the GPU between steps, which a
-// browser page cannot do; they are native tools.
-#[cfg(not(target_arch = "wasm32"))]
-pub mod bench;
 pub mod config;
 pub mod error;
-#[cfg(not(target_arch = "wasm32"))]
-pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod gguf;
@@ -27,12 +27,6 @@ pub mod safetensors_dir;
 pub mod sampling;
 pub mod selection;
 pub mod serving;
-// The HTTP server needs sockets and threads, which the wasm32 build has not.
-#[cfg(not(target_arch = "wasm32"))]
-pub mod server;
-/// The demo's static file server (`lynx web`): sockets and threads, native only.
-#[cfg(not(target_arch = "wasm32"))]
-pub mod static_site;
 pub mod tensor;
 pub mod tokenizer;
 

@@ -83,7 +83,7 @@ pub fn golden_ids(golden: &[GoldenSeq]) -> Vec<&[u32]> {
 
 /// Polls `server`'s scheduler until `cond` holds, failing the test after
 /// two minutes with `what` and the last statistics.
-pub fn wait_for(server: &lynx::server::Server, what: &str, cond: impl Fn(&lynx::serving::SchedulerStats) -> bool) {
+pub fn wait_for(server: &lynx_cli::server::Server, what: &str, cond: impl Fn(&lynx::serving::SchedulerStats) -> bool) {
     let t0 = std::time::Instant::now();
     while !cond(&server.stats()) {
         assert!(

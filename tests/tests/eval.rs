@@ -1,4 +1,4 @@
-//! `lynx::eval` on the GPU engine: the teacher-forced text scores of the
+//! `lynx_cli::eval` on the GPU engine: the teacher-forced text scores of the
 //! expert-selection policies against exact routing, on the tiny Mixtral
 //! fixture (E = 8, K = 2; it has no tokenizer, so the windows are token
 //! ids), and the whole evaluation, question answering included, on the demo
@@ -7,9 +7,9 @@
 //! Needs a GPU adapter (CI installs lavapipe). Set LYNX_SKIP_GPU_TESTS=1 to
 //! skip on a machine without one.
 
-use lynx::eval::{EvalData, EvalOptions, QaItem, TextScores, eval_policies, score_text};
 use lynx::gpu::GpuModel;
 use lynx::selection::ExpertPolicy;
+use lynx_cli::eval::{EvalData, EvalOptions, QaItem, TextScores, eval_policies, score_text};
 use lynx_tests::fixtures_dir;
 
 fn fixture_gpu(name: &str) -> Option<GpuModel> {
@@ -146,7 +146,7 @@ fn demo_moe_end_to_end() {
         aliases: vec![],
     };
     let data = EvalData {
-        text: lynx::eval::HELDOUT_TEXT.to_string(),
+        text: lynx_cli::eval::HELDOUT_TEXT.to_string(),
         questions: vec![
             q("What is the capital of France?", "Paris"),
             q("What color is grass?", "green"),

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use lynx::generate::{FinishReason, GenerateOptions, generate};
 use lynx::gpu::GpuModel;
 use lynx::selection::ExpertPolicy;
-use lynx::server::http_client::{HttpResponse, SseStream, request};
-use lynx::server::{RequestRules, Server, ServerConfig, load, parse_chat_request, parse_completion_request};
 use lynx::serving::SchedulerConfig;
 use lynx::{ChatMessage, Tokenizer};
+use lynx_cli::server::http_client::{HttpResponse, SseStream, request};
+use lynx_cli::server::{RequestRules, Server, ServerConfig, load, parse_chat_request, parse_completion_request};
 use lynx_tests::{gpu_ctx, wait_for};
 use serde_json::{Value, json};
 

@@ -11,10 +11,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use lynx::generate::{Engine, StepOutput, StepSpec};
-use lynx::server::http_client::{SseStream, request};
-use lynx::server::{Server, ServerConfig};
 use lynx::serving::SchedulerConfig;
 use lynx::{Model, ModelConfig, Sequence, Tokenizer};
+use lynx_cli::server::http_client::{SseStream, request};
+use lynx_cli::server::{Server, ServerConfig};
 use lynx_tests::wait_for;
 
 /// Bounds every client call, so that a broken server fails a test instead

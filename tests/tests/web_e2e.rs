@@ -1,6 +1,6 @@
 //! The browser demo end to end, in Debian's headless Chromium: builds the
 //! site (`web/build.sh`), serves it on a free loopback port with
-//! `lynx::static_site` (what `lynx web` runs), loads the page, which streams
+//! `lynx_cli::static_site` (what `lynx web` runs), loads the page, which streams
 //! the demo model into WebGPU buffers (or, without WebGPU, loads it for the
 //! CPU fallback), runs a batched greedy generation there, and checks the
 //! replies against the native runtime's for the same prompts: the GPU engine
@@ -261,10 +261,10 @@ fn browser_demo_generates_what_the_native_runtime_does() {
         .status()
         .expect("running web/build.sh");
     assert!(build.success(), "web/build.sh failed (see its output above)");
-    let listener = lynx::static_site::bind(0).unwrap();
+    let listener = lynx_cli::static_site::bind(0).unwrap();
     let base = format!("http://{}/", listener.local_addr().unwrap());
     let served = site.clone();
-    std::thread::spawn(move || lynx::static_site::serve(listener, &served));
+    std::thread::spawn(move || lynx_cli::static_site::serve(listener, &served));
 
     let loaded = lynx::load(&lynx::loader::demo_moe_gguf_path()).unwrap();
     let tok = loaded.tokenizer.unwrap();

@@ -24,90 +24,69 @@ use crate::gpu::context::GpuContext;
 
 /// Every shader file, by name. Kernels refer to files by these names.
 const SHADERS: &[(&str, &str)] = &[
-    (
-        "dequant_common.wgsl",
-        include_str!("../../../shaders/dequant_common.wgsl"),
-    ),
-    ("dequant_f32.wgsl", include_str!("../../../shaders/dequant_f32.wgsl")),
-    ("dequant_q8_0.wgsl", include_str!("../../../shaders/dequant_q8_0.wgsl")),
-    ("dequant_q4_0.wgsl", include_str!("../../../shaders/dequant_q4_0.wgsl")),
-    ("dequant_q4_1.wgsl", include_str!("../../../shaders/dequant_q4_1.wgsl")),
-    ("dequant_q5_0.wgsl", include_str!("../../../shaders/dequant_q5_0.wgsl")),
-    ("dequant_q5_1.wgsl", include_str!("../../../shaders/dequant_q5_1.wgsl")),
-    ("dequant_q2_k.wgsl", include_str!("../../../shaders/dequant_q2_k.wgsl")),
-    ("dequant_q3_k.wgsl", include_str!("../../../shaders/dequant_q3_k.wgsl")),
-    ("dequant_q4_k.wgsl", include_str!("../../../shaders/dequant_q4_k.wgsl")),
-    ("dequant_q5_k.wgsl", include_str!("../../../shaders/dequant_q5_k.wgsl")),
-    ("dequant_q6_k.wgsl", include_str!("../../../shaders/dequant_q6_k.wgsl")),
-    ("matmul_nt_wq.wgsl", include_str!("../../../shaders/matmul_nt_wq.wgsl")),
+    ("dequant_common.wgsl", include_str!("../../shaders/dequant_common.wgsl")),
+    ("dequant_f32.wgsl", include_str!("../../shaders/dequant_f32.wgsl")),
+    ("dequant_q8_0.wgsl", include_str!("../../shaders/dequant_q8_0.wgsl")),
+    ("dequant_q4_0.wgsl", include_str!("../../shaders/dequant_q4_0.wgsl")),
+    ("dequant_q4_1.wgsl", include_str!("../../shaders/dequant_q4_1.wgsl")),
+    ("dequant_q5_0.wgsl", include_str!("../../shaders/dequant_q5_0.wgsl")),
+    ("dequant_q5_1.wgsl", include_str!("../../shaders/dequant_q5_1.wgsl")),
+    ("dequant_q2_k.wgsl", include_str!("../../shaders/dequant_q2_k.wgsl")),
+    ("dequant_q3_k.wgsl", include_str!("../../shaders/dequant_q3_k.wgsl")),
+    ("dequant_q4_k.wgsl", include_str!("../../shaders/dequant_q4_k.wgsl")),
+    ("dequant_q5_k.wgsl", include_str!("../../shaders/dequant_q5_k.wgsl")),
+    ("dequant_q6_k.wgsl", include_str!("../../shaders/dequant_q6_k.wgsl")),
+    ("matmul_nt_wq.wgsl", include_str!("../../shaders/matmul_nt_wq.wgsl")),
     (
         "matmul_x_storage.wgsl",
-        include_str!("../../../shaders/matmul_x_storage.wgsl"),
+        include_str!("../../shaders/matmul_x_storage.wgsl"),
     ),
     (
         "matmul_x_uniform.wgsl",
-        include_str!("../../../shaders/matmul_x_uniform.wgsl"),
+        include_str!("../../shaders/matmul_x_uniform.wgsl"),
     ),
-    (
-        "embed_rows_wq.wgsl",
-        include_str!("../../../shaders/embed_rows_wq.wgsl"),
-    ),
+    ("embed_rows_wq.wgsl", include_str!("../../shaders/embed_rows_wq.wgsl")),
     (
         "rms_norm_rows_f32.wgsl",
-        include_str!("../../../shaders/rms_norm_rows_f32.wgsl"),
+        include_str!("../../shaders/rms_norm_rows_f32.wgsl"),
     ),
-    (
-        "rope_heads_f32.wgsl",
-        include_str!("../../../shaders/rope_heads_f32.wgsl"),
-    ),
-    ("silu_mul_f32.wgsl", include_str!("../../../shaders/silu_mul_f32.wgsl")),
-    ("add_f32.wgsl", include_str!("../../../shaders/add_f32.wgsl")),
+    ("rope_heads_f32.wgsl", include_str!("../../shaders/rope_heads_f32.wgsl")),
+    ("silu_mul_f32.wgsl", include_str!("../../shaders/silu_mul_f32.wgsl")),
+    ("add_f32.wgsl", include_str!("../../shaders/add_f32.wgsl")),
     (
         "moe_route_topk_f32.wgsl",
-        include_str!("../../../shaders/moe_route_topk_f32.wgsl"),
+        include_str!("../../shaders/moe_route_topk_f32.wgsl"),
     ),
-    (
-        "moe_group_u32.wgsl",
-        include_str!("../../../shaders/moe_group_u32.wgsl"),
-    ),
+    ("moe_group_u32.wgsl", include_str!("../../shaders/moe_group_u32.wgsl")),
     (
         "moe_matmul_nt_wq.wgsl",
-        include_str!("../../../shaders/moe_matmul_nt_wq.wgsl"),
+        include_str!("../../shaders/moe_matmul_nt_wq.wgsl"),
     ),
     (
         "moe_combine_f32.wgsl",
-        include_str!("../../../shaders/moe_combine_f32.wgsl"),
+        include_str!("../../shaders/moe_combine_f32.wgsl"),
     ),
-    (
-        "kv_append_f32.wgsl",
-        include_str!("../../../shaders/kv_append_f32.wgsl"),
-    ),
+    ("kv_append_f32.wgsl", include_str!("../../shaders/kv_append_f32.wgsl")),
     (
         "attention_split_f32.wgsl",
-        include_str!("../../../shaders/attention_split_f32.wgsl"),
+        include_str!("../../shaders/attention_split_f32.wgsl"),
     ),
     (
         "attention_merge_f32.wgsl",
-        include_str!("../../../shaders/attention_merge_f32.wgsl"),
+        include_str!("../../shaders/attention_merge_f32.wgsl"),
     ),
     (
         "gather_rows_f32.wgsl",
-        include_str!("../../../shaders/gather_rows_f32.wgsl"),
+        include_str!("../../shaders/gather_rows_f32.wgsl"),
     ),
-    ("clamp_f32.wgsl", include_str!("../../../shaders/clamp_f32.wgsl")),
-    ("lynx_bin_f32.wgsl", include_str!("../../../shaders/lynx_bin_f32.wgsl")),
-    (
-        "lynx_score_f32.wgsl",
-        include_str!("../../../shaders/lynx_score_f32.wgsl"),
-    ),
+    ("clamp_f32.wgsl", include_str!("../../shaders/clamp_f32.wgsl")),
+    ("lynx_bin_f32.wgsl", include_str!("../../shaders/lynx_bin_f32.wgsl")),
+    ("lynx_score_f32.wgsl", include_str!("../../shaders/lynx_score_f32.wgsl")),
     (
         "moe_active_set_u32.wgsl",
-        include_str!("../../../shaders/moe_active_set_u32.wgsl"),
+        include_str!("../../shaders/moe_active_set_u32.wgsl"),
     ),
-    (
-        "moe_remap_f32.wgsl",
-        include_str!("../../../shaders/moe_remap_f32.wgsl"),
-    ),
+    ("moe_remap_f32.wgsl", include_str!("../../shaders/moe_remap_f32.wgsl")),
 ];
 
 pub fn shader_source(name: &str) -> Result<&'static str> {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use crate::metrics::StepMetrics;
-use crate::serving::SchedulerStats;
+use lynx::metrics::StepMetrics;
+use lynx::serving::SchedulerStats;
 
 /// How many steps a slow viewer may fall behind before it skips some.
 const VIEWER_BACKLOG: usize = 256;
@@ -271,7 +271,7 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::LayerMetrics;
+    use lynx::metrics::LayerMetrics;
 
     fn layer(layer: usize, exact: usize, selected: usize) -> LayerMetrics {
         LayerMetrics {

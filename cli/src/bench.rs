@@ -10,13 +10,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::error::{Error, Result};
-use crate::generate::StepSpec;
-use crate::gpu::{GpuModel, bench_selection};
-use crate::metrics::StepMetrics;
-use crate::model::Logits;
-use crate::selection::ExpertPolicy;
-use crate::tokenizer::Tokenizer;
+use lynx::error::{Error, Result};
+use lynx::generate::StepSpec;
+use lynx::gpu::{GpuModel, bench_selection};
+use lynx::metrics::StepMetrics;
+use lynx::model::Logits;
+use lynx::selection::ExpertPolicy;
+use lynx::tokenizer::Tokenizer;
 
 /// The text bench prompts are cut from.
 pub const BENCH_TEXT: &str = include_str!("../../models/eval/heldout.txt");
@@ -136,7 +136,7 @@ pub fn bench_batch(
         }
         let mut next = first.clone();
         // One greedy decode step under the policy; returns its metrics.
-        let mut step = |seqs: &mut Vec<crate::gpu::GpuSequence>| -> Result<Arc<StepMetrics>> {
+        let mut step = |seqs: &mut Vec<lynx::gpu::GpuSequence>| -> Result<Arc<StepMetrics>> {
             let mut batch: Vec<_> = seqs
                 .iter_mut()
                 .zip(next.iter())

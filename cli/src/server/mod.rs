@@ -1,5 +1,5 @@
 //! An OpenAI-compatible HTTP server over the continuous-batching loop
-//! ([`crate::serving::Scheduler`]), for `lynx serve` and for tests that
+//! ([`lynx::serving::Scheduler`]), for `lynx serve` and for tests that
 //! start it in-process.
 //!
 //! Endpoints: `POST /v1/chat/completions` and `POST /v1/completions`
@@ -46,12 +46,12 @@ pub use api::{
 };
 pub use metrics::{ExpertHub, HttpCounters};
 
-use crate::config::ModelConfig;
-use crate::generate::{Engine, FinishReason, check_prompt};
-use crate::metrics::StepMetrics;
-use crate::selection::ExpertPolicy;
-use crate::serving::{CancelGuard, Completion, Event, Scheduler, SchedulerConfig, SchedulerStats, SubmitError};
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use lynx::config::ModelConfig;
+use lynx::generate::{Engine, FinishReason, check_prompt};
+use lynx::metrics::StepMetrics;
+use lynx::selection::ExpertPolicy;
+use lynx::serving::{CancelGuard, Completion, Event, Scheduler, SchedulerConfig, SchedulerStats, SubmitError};
+use lynx::tokenizer::{ChatMessage, Tokenizer};
 
 /// How often an idle SSE stream sends a comment, so that proxies keep it
 /// open and a vanished client is noticed while its request waits.
@@ -817,7 +817,7 @@ async fn completions(State(app): State<Shared>, request: Request) -> Response {
 fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
     tok.encode_chat(messages).map_err(|e| {
         let why = match e {
-            crate::Error::ChatTemplate(_) => "the chat template refused the messages",
+            lynx::Error::ChatTemplate(_) => "the chat template refused the messages",
             _ => "the messages could not be tokenized",
         };
         ApiError::invalid("messages", format!("{why}: {e}"))
@@ -911,7 +911,7 @@ impl App {
             )));
         }
         check_prompt(&self.model, &ids).map_err(|e| match e {
-            crate::Error::ContextOverflow { limit, .. } => too_long(format!(
+            lynx::Error::ContextOverflow { limit, .. } => too_long(format!(
                 "the prompt has {} tokens; the model's context holds {limit}, and the reply needs at least one",
                 ids.len()
             )),

@@ -1,5 +1,5 @@
 //! `lynx web`: serves the browser demo's site folder (written by
-//! `web/build.sh`) on 127.0.0.1, with `lynx::static_site`.
+//! `web/build.sh`) on 127.0.0.1, with `lynx_cli::static_site`.
 
 use std::path::PathBuf;
 
@@ -23,11 +23,11 @@ fn default_site() -> PathBuf {
 
 pub fn web_cmd(args: &WebArgs) -> anyhow::Result<()> {
     let site = args.site.clone().unwrap_or_else(default_site);
-    let listener = lynx::static_site::bind(args.port).context("starting the web server")?;
+    let listener = lynx_cli::static_site::bind(args.port).context("starting the web server")?;
     let addr = listener.local_addr().context("reading the server's address")?;
     // The first line is the address, so scripts can wait for it.
     println!("http://{addr}/");
     eprintln!("serving {} (Ctrl-C to stop)", site.display());
-    lynx::static_site::serve(listener, &site).context("serving the site")?;
+    lynx_cli::static_site::serve(listener, &site).context("serving the site")?;
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Component, Path, PathBuf};
 
-use crate::error::{Error, Result};
+use lynx::error::{Error, Result};
 
 /// The `Content-Type` for a file name.
 pub fn content_type(path: &Path) -> &'static str {

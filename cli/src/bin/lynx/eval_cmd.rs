@@ -1,7 +1,7 @@
 //! `lynx eval`: what each expert-selection policy costs in accuracy, against
 //! exact routing, on held-out text (perplexity, top-1 agreement, KL) and on
 //! a small question-answering set (exact match). The measurement itself is
-//! `lynx::eval`; this file parses the flags and prints the tables.
+//! `lynx_cli::eval`; this file parses the flags and prints the tables.
 
 use std::io::{self, IsTerminal};
 use std::path::PathBuf;
@@ -10,8 +10,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use lynx::eval::{EvalData, EvalOptions, EvalReport, PolicyReport, Progress, eval_policies, parse_policy_list};
 use lynx::selection::ExpertPolicy;
+use lynx_cli::eval::{EvalData, EvalOptions, EvalReport, PolicyReport, Progress, eval_policies, parse_policy_list};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -219,7 +219,7 @@ fn print_table(report: &EvalReport) {
 /// One table row. `reference_qa` is `None` for the reference run itself,
 /// whose comparison columns would only compare it with itself, and
 /// `Some(None)` when no questions were run.
-fn print_row(name: &str, row: &PolicyReport, base_ppl: f64, reference_qa: Option<Option<&lynx::eval::QaScores>>) {
+fn print_row(name: &str, row: &PolicyReport, base_ppl: f64, reference_qa: Option<Option<&lynx_cli::eval::QaScores>>) {
     let t = &row.text;
     let is_ref = reference_qa.is_none();
     let reference_qa = reference_qa.flatten();
@@ -330,7 +330,7 @@ fn print_resolved(report: &EvalReport, e: usize, k: usize) {
     }
 }
 
-fn print_answers(data: &EvalData, report: &EvalReport, reference: &lynx::eval::QaScores) {
+fn print_answers(data: &EvalData, report: &EvalReport, reference: &lynx_cli::eval::QaScores) {
     let one_line = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
     let mark = |ok: bool| if ok { "✓" } else { "✗" };
     for (i, q) in data.questions.iter().enumerate() {

@@ -14,10 +14,10 @@
 use axum::http::StatusCode;
 use serde_json::{Map, Value};
 
-use crate::generate::GenerateOptions;
-use crate::sampling::SamplingParams;
-use crate::selection::ExpertPolicy;
-use crate::tokenizer::ChatMessage;
+use lynx::generate::GenerateOptions;
+use lynx::sampling::SamplingParams;
+use lynx::selection::ExpertPolicy;
+use lynx::tokenizer::ChatMessage;
 
 /// OpenAI's limit on stop sequences per request.
 pub const MAX_STOP_SEQUENCES: usize = 4;

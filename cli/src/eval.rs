@@ -39,13 +39,13 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, StepOutput, StepSpec, generate_batch};
-use crate::gpu::{GpuModel, GpuSequence};
-use crate::metrics::StepMetrics;
-use crate::model::Logits;
-use crate::selection::ExpertPolicy;
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use lynx::error::{Error, Result};
+use lynx::generate::{GenerateOptions, StepOutput, StepSpec, generate_batch};
+use lynx::gpu::{GpuModel, GpuSequence};
+use lynx::metrics::StepMetrics;
+use lynx::model::Logits;
+use lynx::selection::ExpertPolicy;
+use lynx::tokenizer::{ChatMessage, Tokenizer};
 
 /// The held-out text, `models/eval/heldout.txt` (provenance in
 /// `models/eval/README.md`), built into the library.

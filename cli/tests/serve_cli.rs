@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use lynx::server::http_client::request;
+use lynx_cli::server::http_client::request;
 
 /// Kills the server when the test ends, also through a failed assertion.
 struct Killed(Child);

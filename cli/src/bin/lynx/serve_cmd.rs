@@ -1,4 +1,4 @@
-//! `lynx serve`: the OpenAI-compatible HTTP server (`lynx::server`), and
+//! `lynx serve`: the OpenAI-compatible HTTP server (`lynx_cli::server`), and
 //! with `--bench` a load measurement of it over loopback. This file parses
 //! the flags, loads the model and prints; the server is the library's.
 
@@ -13,8 +13,8 @@ use clap::Args;
 use lynx::generate::Engine;
 use lynx::metrics::StepMetrics;
 use lynx::selection::ExpertPolicy;
-use lynx::server::{Server, ServerConfig, load};
 use lynx::serving::SchedulerConfig;
+use lynx_cli::server::{Server, ServerConfig, load};
 
 /// The fewest requests a --bench row times, so that its percentiles mean
 /// something.
@@ -200,7 +200,7 @@ pub fn serve_cmd(args: &ServeArgs) -> anyhow::Result<()> {
     // Check the limits before the slow load.
     args.config(model_id.clone(), &policies[0])?;
     if args.device == super::Device::Cpu && policies.iter().any(|p| !p.is_exact()) {
-        bail!("the CPU reference routes exactly; expert policies other than `exact` need `--device gpu`");
+        bail!("expert policies other than `exact` need `--device gpu`; the CPU reference serves with exact routing");
     }
     let needs_gpu = policies
         .iter()

@@ -287,7 +287,7 @@ impl RunArgs {
     fn load(&self) -> anyhow::Result<Loaded> {
         if self.device == Device::Cpu && (!self.experts.is_exact() || self.trace.is_some()) {
             return Err(anyhow!(
-                "--experts and --trace need the GPU engine; the CPU reference always routes exactly (drop --device cpu)"
+                "--experts and --trace need the GPU engine (drop --device cpu): the CPU reference has no selection kernels to speed up and no step metrics to trace"
             ));
         }
         // Expert selection rewrites the GPU's routing buffer and --trace
@@ -337,8 +337,8 @@ fn open_gpu(device: Device, needs_gpu: Option<&str>) -> anyhow::Result<Option<Gp
             Ok(ctx) => Ok(Some(ctx)),
             Err(e) => match needs_gpu {
                 Some(what) => Err(anyhow!(
-                    "{what} needs the GPU engine (expert selection and its metrics exist only there), and \
-                     no GPU adapter was found ({e}); the CPU engine only routes exactly"
+                    "{what} needs the GPU engine (its selection kernels and step metrics exist only there), and \
+                     no GPU adapter was found ({e})"
                 )),
                 None => {
                     eprintln!("lynx: no GPU adapter found ({e}); {CPU_FALLBACK_NOTICE}");
@@ -504,7 +504,7 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<()> {
         anyhow::bail!("--prompt-tokens and --steps must be at least 1");
     }
     let requested = match &args.experts {
-        Some(list) => Some(lynx::eval::parse_policy_list(list).context("invalid --experts")?),
+        Some(list) => Some(lynx_cli::eval::parse_policy_list(list).context("invalid --experts")?),
         None => None,
     };
     let path = match &args.model {
@@ -563,8 +563,8 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<()> {
         "select ms"
     );
     for &b in &args.batch {
-        let prompts = lynx::bench::bench_prompts(tok, b, args.prompt_tokens)?;
-        let batch_rows = lynx::bench::bench_batch(&mut gpu, &prompts, &policies, args.steps)
+        let prompts = lynx_cli::bench::bench_prompts(tok, b, args.prompt_tokens)?;
+        let batch_rows = lynx_cli::bench::bench_batch(&mut gpu, &prompts, &policies, args.steps)
             .with_context(|| format!("benchmark at batch size {b} failed"))?;
         let exact = batch_rows
             .iter()
