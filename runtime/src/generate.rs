@@ -2,7 +2,7 @@
 //! with streaming detokenisation, stop strings and EOS handling.
 //!
 //! Several prompts can be generated together: their decode steps share one
-//! `Model::forward` call per token, and sequences leave the batch as they
+//! `Engine::run` call per token, and sequences leave the batch as they
 //! finish.
 
 use std::sync::Arc;
@@ -226,7 +226,7 @@ pub fn generate<E: Engine>(
 }
 
 /// Generates for several prompts at once, decoding them as one batch through
-/// `Model::forward`, and streams each sequence's new text through
+/// `Engine::run`, and streams each sequence's new text through
 /// `on_text(seq_index, text)` as soon as it is final (never with an empty
 /// string). Sequences that finish drop out of the batch.
 ///
@@ -570,7 +570,7 @@ impl<S> SeqState<S> {
     }
 }
 
-/// `forward` promises one logits row per sequence; checking it turns a
+/// `Engine::run` promises one logits row per sequence; checking it turns a
 /// broken promise into an error instead of a silently dropped sequence.
 fn check_logits(logits: &[Vec<f32>], expected: usize) -> Result<()> {
     if logits.len() != expected {

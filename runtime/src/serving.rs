@@ -685,6 +685,24 @@ mod tests {
     }
 
     #[test]
+    fn the_policy_belongs_to_the_loop_not_to_a_request() {
+        let s = Scheduler::new(SchedulerConfig::default()).unwrap();
+        assert_eq!(s.policy(), ExpertPolicy::Exact);
+        s.set_policy(ExpertPolicy::TopK(2));
+        assert_eq!(s.policy(), ExpertPolicy::TopK(2));
+        // A request that names a policy would change its batch-mates' routing.
+        let lynx = GenerateOptions {
+            policy: ExpertPolicy::Lynx(None),
+            ..GenerateOptions::default()
+        };
+        match s.submit(vec![1], lynx) {
+            Err(SubmitError::Invalid(why)) => assert!(why.contains("expert policy"), "{why}"),
+            other => panic!("expected a refusal, got {:?}", other.map(|h| h.id)),
+        }
+        assert!(s.submit(vec![1], GenerateOptions::default()).is_ok());
+    }
+
+    #[test]
     fn abandoned_requests_give_up_their_queue_places() {
         // No loop runs, so requests stay queued.
         let s = Scheduler::new(SchedulerConfig {
