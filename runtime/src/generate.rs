@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::config::ModelConfig;
 use crate::metrics::StepMetrics;
 use crate::sampling::{Sampler, SamplingParams};
-use crate::selection::ExpertPolicy;
+use crate::selection::{ExpertPolicy, Resolved};
 use crate::{Error, Logits, Model, Result, Sequence, Tokenizer};
 
 /// Which part of generation a forward call is. Selection policies apply to
@@ -76,16 +76,57 @@ pub struct StepOutput {
     pub metrics: Vec<Arc<StepMetrics>>,
 }
 
-/// Checks that a batch of (cached length, new tokens) is a decode step: one
-/// new token for each sequence, after its prompt. The engines call it for
-/// [`Phase::Decode`], so a policy never rewrites a prefill's routing.
-pub(crate) fn check_decode(batch: impl IntoIterator<Item = (usize, usize)>) -> Result<()> {
-    for (cached, new) in batch {
-        if new != 1 || cached == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "a decode step feeds one token to each sequence after its prompt; \
-                 got {new} new tokens after {cached} cached"
-            )));
+impl StepSpec {
+    /// The routing of this call's MoE layers, for a batch of (cached
+    /// length, new tokens): exact in a prefill; in a decode step the policy
+    /// resolved for the model, after checking that the batch is one: one new
+    /// token for each sequence, after its prompt. Both engines ask this, so
+    /// a policy never rewrites a prefill's routing.
+    pub(crate) fn routing(
+        &self,
+        config: &ModelConfig,
+        batch: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Result<Resolved> {
+        if self.phase == Phase::Prefill {
+            return Ok(Resolved::Exact);
+        }
+        for (cached, new) in batch {
+            if new != 1 || cached == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "a decode step feeds one token to each sequence after its prompt; \
+                     got {new} new tokens after {cached} cached"
+                )));
+            }
+        }
+        self.policy.resolve_for(config)
+    }
+}
+
+/// Checks a forward call's batch of (cached length, whether the engine
+/// made this sequence, new tokens) before any cache is touched, as both
+/// engines do: every sequence has new tokens and belongs to the engine,
+/// its cache and new tokens fit in the context, and every id is in the
+/// vocabulary. The first sequence at fault names the error.
+pub(crate) fn check_batch<'a>(
+    config: &ModelConfig,
+    batch: impl IntoIterator<Item = (usize, bool, &'a [u32])>,
+) -> Result<()> {
+    let (limit, vocab) = (config.max_position_embeddings, config.vocab_size);
+    for (cached, owned, tokens) in batch {
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument("forward: a sequence has no new tokens".into()));
+        }
+        if !owned {
+            return Err(Error::InvalidArgument(
+                "forward: sequence belongs to another model".into(),
+            ));
+        }
+        let requested = cached + tokens.len();
+        if requested > limit {
+            return Err(Error::ContextOverflow { requested, limit });
+        }
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::TokenOutOfRange { id, vocab });
         }
     }
     Ok(())
@@ -153,6 +194,20 @@ pub struct GenerateOptions {
     /// ([`crate::serving::Scheduler::set_policy`]) and refuses requests
     /// that name one.
     pub policy: ExpertPolicy,
+}
+
+impl GenerateOptions {
+    /// Checks what can be checked without a model: the sampling parameters
+    /// and the stop strings. The one check of a request's options, for
+    /// [`BatchGeneration`] and the serving loop's `submit`.
+    pub fn validate(&self) -> Result<()> {
+        self.sampling.validate()?;
+        if let Some(i) = self.stop.iter().position(|s| s.is_empty()) {
+            // An empty stop string would match before the first token.
+            return Err(Error::InvalidArgument(format!("stop string {i} is empty")));
+        }
+        Ok(())
+    }
 }
 
 impl Default for GenerateOptions {
@@ -312,11 +367,7 @@ impl<'t, S> BatchGeneration<'t, S> {
         opts: &GenerateOptions,
         mut new_sequence: impl FnMut() -> S,
     ) -> Result<Self> {
-        opts.sampling.validate()?;
-        if let Some(i) = opts.stop.iter().position(|s| s.is_empty()) {
-            // An empty stop string would match before the first token.
-            return Err(Error::InvalidArgument(format!("stop string {i} is empty")));
-        }
+        opts.validate()?;
         opts.policy.resolve_for(config)?;
         for (i, prompt) in prompts.iter().enumerate() {
             check_prompt(config, prompt).map_err(|e| match e {

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::config::{ModelConfig, RopeStyle, Routing};
 use crate::error::{Error, Result};
-use crate::generate::{Phase, StepOutput, StepSpec, check_decode};
+use crate::generate::{StepOutput, StepSpec, check_batch};
 use crate::linear::{QLinear, dot};
 use crate::selection::{Resolved, select_cpu};
 use crate::tensor::{DType, QTensor, WeightVec, quantize};
@@ -134,7 +134,8 @@ impl Model {
     /// Routing is exact; [`Model::run`] runs a decode step under a
     /// selection policy.
     pub fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
-        self.forward_routed(batch, logits, Resolved::Exact)
+        self.check(batch)?;
+        self.forward_checked(batch, logits, Resolved::Exact)
     }
 
     /// One forward call as [`crate::generate::Engine::run`] describes it:
@@ -143,26 +144,16 @@ impl Model {
     /// selection kernels do, so a whole forward pass under any policy has a
     /// reference. The CPU reports no step metrics.
     pub fn run(&self, batch: &mut [(&mut Sequence, &[u32])], spec: StepSpec) -> Result<StepOutput> {
-        let policy = match spec.phase {
-            Phase::Prefill => Resolved::Exact,
-            Phase::Decode => {
-                check_decode(batch.iter().map(|(s, t)| (s.len, t.len())))?;
-                spec.policy.resolve_for(&self.config)?
-            }
-        };
+        self.check(batch)?;
+        let policy = spec.routing(&self.config, batch.iter().map(|(s, t)| (s.len, t.len())))?;
         Ok(StepOutput {
-            logits: self.forward_routed(batch, spec.logits, policy)?,
+            logits: self.forward_checked(batch, spec.logits, policy)?,
             metrics: Vec::new(),
         })
     }
 
-    fn forward_routed(
-        &self,
-        batch: &mut [(&mut Sequence, &[u32])],
-        logits: Logits,
-        policy: Resolved,
-    ) -> Result<Vec<Vec<f32>>> {
-        let cfg = &self.config;
+    /// The weights are in memory and the batch is valid for this model.
+    fn check(&self, batch: &[(&mut Sequence, &[u32])]) -> Result<()> {
         if !self.is_resident() {
             return Err(Error::InvalidArgument(
                 "forward: this model's weights were streamed to the GPU and are not in memory; \
@@ -170,30 +161,22 @@ impl Model {
                     .into(),
             ));
         }
-        for (seq, tokens) in batch.iter() {
-            if tokens.is_empty() {
-                return Err(Error::InvalidArgument("forward: a sequence has no new tokens".into()));
-            }
-            if seq.kv.len() != cfg.num_layers {
-                return Err(Error::InvalidArgument(
-                    "forward: sequence belongs to another model".into(),
-                ));
-            }
-            let requested = seq.len + tokens.len();
-            if requested > cfg.max_position_embeddings {
-                return Err(Error::ContextOverflow {
-                    requested,
-                    limit: cfg.max_position_embeddings,
-                });
-            }
-            if let Some(&id) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-                return Err(Error::TokenOutOfRange {
-                    id,
-                    vocab: cfg.vocab_size,
-                });
-            }
-        }
+        let layers = self.config.num_layers;
+        check_batch(
+            &self.config,
+            batch.iter().map(|(s, t)| (s.len, s.kv.len() == layers, *t)),
+        )
+    }
 
+    /// The forward pass of a batch that [`Model::check`] accepted, routing
+    /// its MoE layers with `policy`.
+    fn forward_checked(
+        &self,
+        batch: &mut [(&mut Sequence, &[u32])],
+        logits: Logits,
+        policy: Resolved,
+    ) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.config;
         // x: (N, C) holds every new token of every sequence, sequence by sequence.
         let c = cfg.hidden_size;
         let n: usize = batch.iter().map(|(_, t)| t.len()).sum();

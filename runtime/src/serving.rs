@@ -300,13 +300,7 @@ impl Scheduler {
                 opts.policy
             )));
         }
-        opts.sampling
-            .validate()
-            .map_err(|e| SubmitError::Invalid(e.to_string()))?;
-        if opts.stop.iter().any(|s| s.is_empty()) {
-            return Err(SubmitError::Invalid("a stop string is empty".into()));
-        }
-        Ok(())
+        opts.validate().map_err(|e| SubmitError::Invalid(e.to_string()))
     }
 
     /// Queues one checked request; the caller holds the lock and wakes the loop.

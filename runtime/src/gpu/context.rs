@@ -60,8 +60,9 @@ pub enum Elem {
 }
 
 /// A dense f32 (activations) or u32 (token ids, positions) array on the GPU,
-/// row-major with the given shape.
-#[derive(Debug)]
+/// row-major with the given shape. A clone shares the buffer (as
+/// `wgpu::Buffer` clones do): it is another handle, not a copy.
+#[derive(Clone, Debug)]
 pub struct GpuTensor {
     pub(crate) buffer: wgpu::Buffer,
     pub shape: Vec<usize>,

@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::generate::{Phase, StepOutput, StepSpec, check_decode};
+use crate::generate::{Phase, StepOutput, StepSpec, check_batch};
 use crate::gpu::attention::gather_rows;
 use crate::gpu::context::{GpuContext, GpuEncoder, GpuTensor, PendingRead};
 use crate::gpu::kernels::{embed_rows, matmul_nt, rms_norm_rows};
@@ -238,14 +238,14 @@ impl GpuModel {
     /// with [`StepSpec::prefill`].
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward(&self, batch: &mut [(&mut GpuSequence, &[u32])], logits: Logits) -> Result<Vec<Vec<f32>>> {
-        // The read-backs inside poll the device themselves, so the future
-        // never waits on anything but the GPU and blocking on it is safe.
-        pollster::block_on(self.run(batch, StepSpec::prefill(logits))).map(|o| o.logits)
+        self.run_blocking(batch, StepSpec::prefill(logits)).map(|o| o.logits)
     }
 
     /// [`GpuModel::run`], blocking until the step is done (native only).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn run_blocking(&self, batch: &mut [(&mut GpuSequence, &[u32])], spec: StepSpec) -> Result<StepOutput> {
+        // The read-backs inside poll the device themselves, so the future
+        // never waits on anything but the GPU and blocking on it is safe.
         pollster::block_on(self.run(batch, spec))
     }
 
@@ -259,43 +259,15 @@ impl GpuModel {
     pub async fn run(&self, batch: &mut [(&mut GpuSequence, &[u32])], spec: StepSpec) -> Result<StepOutput> {
         let cfg = &self.config;
         let logits = spec.logits;
-        for (seq, tokens) in batch.iter() {
-            if tokens.is_empty() {
-                return Err(Error::InvalidArgument("forward: a sequence has no new tokens".into()));
-            }
-            if !self.kv.owns(seq) {
-                return Err(Error::InvalidArgument(
-                    "forward: sequence belongs to another model".into(),
-                ));
-            }
-            let requested = seq.len + tokens.len();
-            if requested > cfg.max_position_embeddings {
-                return Err(Error::ContextOverflow {
-                    requested,
-                    limit: cfg.max_position_embeddings,
-                });
-            }
-            if let Some(&id) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-                return Err(Error::TokenOutOfRange {
-                    id,
-                    vocab: cfg.vocab_size,
-                });
-            }
-        }
+        check_batch(cfg, batch.iter().map(|(s, t)| (s.len, self.kv.owns(s), *t)))?;
         if self.max_step_tokens == 0 {
             return Err(Error::InvalidArgument("max_step_tokens must be at least 1".into()));
         }
-        // Selection policies apply to decode steps only; a prefill, or a
-        // step that carries prefill chunks, routes exactly.
-        let (decode, resolved) = match spec.phase {
-            Phase::Prefill => (false, Resolved::Exact),
-            Phase::Decode => {
-                check_decode(batch.iter().map(|(s, t)| (s.len, t.len())))?;
-                (true, spec.policy.resolve_for(cfg)?)
-            }
-        };
+        // Selection policies apply to decode steps only; a prefill routes
+        // exactly.
+        let resolved = spec.routing(cfg, batch.iter().map(|(s, t)| (s.len, t.len())))?;
         let routing = StepRouting {
-            decode,
+            decode: spec.phase == Phase::Decode,
             policy: resolved,
             name: policy_name(resolved, spec.policy),
             metrics: spec.metrics || self.has_subscribers(),

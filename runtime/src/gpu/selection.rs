@@ -22,7 +22,7 @@ pub fn log_record_len(t: usize, k: usize) -> usize {
 }
 
 /// Per-step buffers the policies use (E values each).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct PolicyBuffers {
     pub score: GpuTensor,
     pub top1: GpuTensor,

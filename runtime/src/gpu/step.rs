@@ -238,17 +238,14 @@ impl Scratch {
                     weights: m.routing.weights.rows(t)?,
                 },
                 grouping: Grouping {
-                    offsets: m.grouping.offsets.rows(m.grouping.offsets.shape[0])?,
+                    offsets: m.grouping.offsets.clone(),
                     list: m.grouping.list.rows(t * k)?,
                     order: m.grouping.order.rows(t)?,
                     order_w: m.grouping.order_w.rows(t)?,
-                    active: m.grouping.active.rows(1)?,
+                    active: m.grouping.active.clone(),
                 },
-                policy: PolicyBuffers {
-                    score: m.policy.score.rows(m.policy.score.shape[0])?,
-                    top1: m.policy.top1.rows(m.policy.top1.shape[0])?,
-                    active: m.policy.active.rows(m.policy.active.shape[0])?,
-                },
+                // E values each: the same whatever T.
+                policy: m.policy.clone(),
                 gy: m.gy.rows(t * k)?,
                 uy: m.uy.rows(t * k)?,
                 act: m.act.rows(t * k)?,
@@ -274,10 +271,7 @@ impl Scratch {
             o: self.o.rows(t)?,
             mlp,
             moe,
-            expert_offsets: match &self.expert_offsets {
-                Some(o) => Some(o.rows(o.shape[0])?),
-                None => None,
-            },
+            expert_offsets: self.expert_offsets.clone(),
             policy_log,
         })
     }
